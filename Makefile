@@ -1,0 +1,43 @@
+# metattt — `make setup run` then `make test`. RECIPE selects recipes/$(RECIPE).yaml.
+RECIPE ?= tiny
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG := recipes/$(RECIPE).yaml
+ARGS ?=
+
+.PHONY: setup run test lint target distill bench clean-tiny help
+
+help:
+	@echo "make setup            virtualenv + CPU torch 2.13.0 + metattt (editable, with dev tools)"
+	@echo "make run              the whole pipeline for RECIPE (default: tiny, on the CPU)"
+	@echo "make target           build the tiny target (stdlib corpus, tokenizer, LM), once"
+	@echo "make distill          distill the drafter -> checkpoints/RECIPE/drafter/"
+	@echo "make test             the test suite (CPU)"
+	@echo "make lint             ruff"
+	@echo "RECIPE=qwen3_4b ARGS='--trainer.devices=8' make distill   (any recipe, any override)"
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+setup: $(PY)
+	# CPU wheel (on GPU machines install the CUDA torch you use first, then `pip install -e .`)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+
+run: distill
+
+target:
+	$(PY) -m metattt build-target --config $(CONFIG) $(ARGS)
+
+distill:
+	$(PY) -m metattt distill --config $(CONFIG) $(ARGS)
+
+test:
+	$(PY) -m pytest -q -ra $(ARGS)
+
+lint:
+	$(PY) -m ruff check metattt tests
+
+clean-tiny:
+	rm -rf checkpoints/tiny

@@ -1,0 +1,103 @@
+"""Stage 1: distill a block drafter from the frozen target. Thin: the math is in metattt.losses."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from metattt.losses import block_prediction_loss, default_gamma, sample_anchors, valid_anchor_mask
+from metattt.metrics import BlockAccuracy
+from metattt.models.drafter import BlockDrafter
+from metattt.models.target import FrozenTarget
+
+
+class FrozenTargetCheckpointing:
+    """Mixin: keep the frozen target's weights out of Lightning checkpoints.
+
+    The target is reloaded from its own folder; checkpoints carry only what trains.
+    """
+
+    strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("target.")]:
+            del state[key]
+
+
+class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
+    def __init__(
+        self,
+        target: FrozenTarget,
+        drafter: BlockDrafter,
+        lr: float = 6e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.04,
+        num_anchors: int = 512,
+        gamma: float | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.target = target
+        self.drafter = drafter.attach_target(target)
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.num_anchors = num_anchors
+        self.block_size = drafter.config.block_size
+        self.gamma = gamma if gamma is not None else default_gamma(self.block_size)
+        self.seed = seed
+        self.train_acc = BlockAccuracy(self.block_size)
+        self.val_acc = BlockAccuracy(self.block_size)
+        self.save_hyperparameters(ignore=["target", "drafter"])
+
+    def _anchor_generator(self, batch_idx: int, stage: str) -> torch.Generator:
+        # Anchors depend on (seed, step, rank) only, so a resumed run samples what an
+        # uninterrupted one would have, and validation sees the same blocks every time.
+        step = self.global_step if stage == "train" else batch_idx
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + step * 7919 + self.global_rank * 31 + (stage == "val")) % 2**62)
+        return g
+
+    def _step(self, batch: dict, batch_idx: int, stage: str):
+        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        features = self.target(ids, attention_mask=attn, return_logits=False).features  # (B, T, n·H)
+        valid = valid_anchor_mask(lmask, attn, self.block_size)
+        anchors, ok = sample_anchors(valid, self.num_anchors, self._anchor_generator(batch_idx, stage))
+        out = block_prediction_loss(
+            self.drafter, features, ids, attn, lmask, anchors, ok,
+            self.block_size, self.drafter.config.mask_token_id, self.gamma,
+        )
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._step(batch, batch_idx, "train")
+        self.train_acc.update(out.correct, out.weights > 0)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if (self.global_step % max(1, self.trainer.log_every_n_steps)) == 0:
+            self._log_acc(self.train_acc, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self._step(batch, batch_idx, "val")
+        self.val_acc.update(out.correct, out.weights > 0)
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_acc(self.val_acc, "val")
+
+    def _log_acc(self, metric: BlockAccuracy, stage: str) -> None:
+        res = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/acc", res["mean"], prog_bar=stage == "val", sync_dist=False)
+        self.log(f"{stage}/tau_proxy", res["tau_proxy"], prog_bar=True, sync_dist=False)
+        for k, acc in enumerate(res["per_position"].tolist(), start=1):
+            self.log(f"{stage}_acc_by_position/pos{k:02d}", acc, sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.drafter.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=(0.9, 0.95))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = get_cosine_schedule_with_warmup(opt, int(self.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,174 @@
+"""Block sampling and the block-prediction loss, as plain functions of tensors.
+
+Distillation, the meta-learning inner and outer losses and test-time training all use these.
+Conventions: a sequence has T tokens; an anchor at position a opens the block
+`[x_a, MASK × (S-1)]`; block position k (1 ≤ k < S) predicts token x_{a+k} from the target
+features of positions < a. Anchors are sampled only where the whole block fits inside the
+real tokens and the first predicted token is a training target (loss mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def default_gamma(block_size: int) -> float:
+    """DFlash's decay constants: γ = 7 for S = 16, 5 for 10, 4 for 8; else ~S/2.3."""
+    return {16: 7.0, 10: 5.0, 8: 4.0}.get(block_size, max(1.0, round(block_size / 2.3, 1)))
+
+
+def position_weights(block_size: int, gamma: float, device=None) -> torch.Tensor:
+    """exp(-(k-1)/γ) for block positions k = 1..S-1 -> (S-1,)."""
+    k = torch.arange(1, block_size, device=device, dtype=torch.float32)
+    return torch.exp(-(k - 1) / gamma)
+
+
+def valid_anchor_mask(
+    loss_mask: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor | None,  # (B, T)
+    block_size: int,
+    lo: torch.Tensor | int = 1,  # first allowed anchor, per row (B,) or scalar
+    hi: torch.Tensor | int | None = None,  # last allowed anchor + block - 1 must be < hi (exclusive end)
+) -> torch.Tensor:
+    """(B, T) bool: positions a with lo ≤ a, a + S - 1 < min(length, hi), loss_mask[a + 1] = 1."""
+    B, T = loss_mask.shape
+    device = loss_mask.device
+    length = attention_mask.long().sum(-1) if attention_mask is not None else torch.full((B,), T, device=device)
+    end = length if hi is None else torch.minimum(length, torch.as_tensor(hi, device=device).expand(B))
+    pos = torch.arange(T, device=device)[None]  # (1, T)
+    lo_t = torch.as_tensor(lo, device=device).expand(B)[:, None]
+    ok = (pos >= lo_t) & (pos + block_size - 1 < end[:, None])
+    next_is_target = torch.zeros_like(ok)
+    next_is_target[:, :-1] = loss_mask[:, 1:].bool()
+    return ok & next_is_target
+
+
+def sample_anchors(
+    valid: torch.Tensor,  # (B, T) bool
+    num_anchors: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `num_anchors` distinct valid positions per row, uniformly, sorted.
+
+    Returns anchors (B, N) and anchor_ok (B, N); rows with fewer valid positions are padded
+    with anchor 0 and anchor_ok False (their loss weight is zero).
+    """
+    B, T = valid.shape
+    n = min(num_anchors, T)
+    scores = torch.rand(B, T, generator=generator, device="cpu").to(valid.device)
+    scores = scores.masked_fill(~valid, -1.0)
+    top, idx = scores.topk(n, dim=-1)  # (B, n)
+    ok = top >= 0
+    idx = torch.where(ok, idx, torch.zeros_like(idx))
+    # sort real anchors by position, padding last
+    key = torch.where(ok, idx, torch.full_like(idx, T))
+    order = key.argsort(dim=-1)
+    return idx.gather(1, order), ok.gather(1, order)
+
+
+def make_blocks(
+    input_ids: torch.Tensor,  # (B, T)
+    anchors: torch.Tensor,  # (B, N)
+    block_size: int,
+    mask_token_id: int,
+) -> torch.Tensor:
+    """Block inputs (B, N, S): the anchor token followed by S-1 mask tokens."""
+    B, N = anchors.shape
+    blocks = torch.full((B, N, block_size), mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    blocks[:, :, 0] = input_ids.gather(1, anchors)
+    return blocks
+
+
+def block_targets(
+    input_ids: torch.Tensor,  # (B, T)
+    loss_mask: torch.Tensor,  # (B, T)
+    anchors: torch.Tensor,  # (B, N)
+    anchor_ok: torch.Tensor,  # (B, N)
+    block_size: int,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (B, N, S-1) = x_{a+k}, and weights (B, N, S-1) = exp(-(k-1)/γ)·loss_mask·anchor_ok."""
+    T = input_ids.shape[1]
+    offs = torch.arange(1, block_size, device=anchors.device)
+    pos = (anchors[:, :, None] + offs).clamp(max=T - 1)  # (B, N, S-1)
+    labels = input_ids.gather(1, pos.flatten(1)).view_as(pos)
+    w = position_weights(block_size, gamma, anchors.device)[None, None]
+    w = w * loss_mask.gather(1, pos.flatten(1)).view_as(pos).float() * anchor_ok[:, :, None].float()
+    return labels, w
+
+
+@dataclass
+class BlockLoss:
+    loss: torch.Tensor  # scalar, weighted mean CE
+    correct: torch.Tensor  # (B, N, S-1) bool: argmax == label
+    weights: torch.Tensor  # (B, N, S-1)
+
+
+def decayed_block_ce(
+    hidden: torch.Tensor,  # (B, N, S, H) drafter output after final norm
+    lm_head,  # callable H -> V
+    labels: torch.Tensor,  # (B, N, S-1)
+    weights: torch.Tensor,  # (B, N, S-1)
+    chunk_size: int = 4096,
+) -> BlockLoss:
+    """Σ w·CE / Σ w over block positions 1..S-1, computing logits in chunks.
+
+    At real vocab sizes the logits dominate memory; chunking bounds the live fp32 logits to
+    `chunk_size` positions at a time (each chunk is still part of the autograd graph).
+    """
+    h = hidden[:, :, 1:].reshape(-1, hidden.shape[-1])  # (M, H)
+    y = labels.reshape(-1)
+    w = weights.reshape(-1)
+    keep = w > 0  # only supervised positions get logits
+    h, y, w_kept = h[keep], y[keep], w[keep]
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    correct_kept = torch.zeros_like(y, dtype=torch.bool)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = lm_head(h[start : start + chunk_size]).float()  # (m, V)
+        ce = F.cross_entropy(logits, y[start : start + chunk_size], reduction="none")
+        total = total + (ce * w_kept[start : start + chunk_size]).sum()
+        correct_kept[start : start + chunk_size] = logits.detach().argmax(-1) == y[start : start + chunk_size]
+    denom = w.sum().clamp_min(1e-8)
+    correct = torch.zeros_like(labels, dtype=torch.bool).reshape(-1)
+    correct[keep] = correct_kept
+    return BlockLoss(loss=total / denom, correct=correct.view_as(labels), weights=weights)
+
+
+def expected_acceptance_length(correct: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced proxy for τ: 1 + mean length of the all-correct prefix of each block.
+
+    `correct`, `ok` (B, N, S-1) bool; blocks with no supervised position are ignored.
+    """
+    prefix = torch.cumprod((correct & ok).long(), dim=-1).sum(-1).float()  # (B, N)
+    has = ok.any(-1)
+    if not has.any():
+        return torch.tensor(math.nan)
+    return 1.0 + prefix[has].mean()
+
+
+def block_prediction_loss(
+    drafter,  # BlockDrafter (or a functional_call wrapper with the same signature)
+    features: torch.Tensor,  # (B, T, n·H) target features of the visible positions
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor | None,  # (B, T)
+    loss_mask: torch.Tensor,  # (B, T)
+    anchors: torch.Tensor,  # (B, N)
+    anchor_ok: torch.Tensor,  # (B, N)
+    block_size: int,
+    mask_token_id: int,
+    gamma: float,
+) -> BlockLoss:
+    """The drafter's training objective: decayed CE of every sampled block.
+
+    Callers decide what the drafter may see by what they pass: the meta inner loss passes the
+    context prefix only, so no continuation token or feature can reach it.
+    """
+    blocks = make_blocks(input_ids, anchors, block_size, mask_token_id)  # (B, N, S)
+    labels, weights = block_targets(input_ids, loss_mask, anchors, anchor_ok, block_size, gamma)
+    valid = attention_mask.bool() if attention_mask is not None else None
+    hidden = drafter(blocks, anchors, context_features=features, context_valid=valid)  # (B, N, S, H)
+    return decayed_block_ce(hidden, drafter.logits, labels, weights)

@@ -1,0 +1,372 @@
+"""DFlash-style block drafter (arXiv 2602.06036), read top to bottom.
+
+The drafter has no embedding and no lm_head of its own: it borrows the frozen target's.
+It reads the target's hidden states from several layers, concatenated to (T, n·H) and
+projected by `fc` + `hidden_norm` to the target's width H. In every drafter layer the
+queries come from the block tokens only, while keys/values are the concatenation of the
+projected context features and the block tokens through the same `k_proj`/`v_proj`
+("KV injection"): context features never enter the residual stream.
+
+A block is `[anchor token, MASK × (S-1)]` at positions anchor..anchor+S-1; the outputs at
+block positions 1..S-1 are the drafts for tokens anchor+1..anchor+S-1. Inside a block
+attention is bidirectional; a block sees context positions strictly before its anchor;
+blocks never see each other. Training packs many blocks (anchors) of one sequence into a
+single forward, and the attention mask keeps them apart.
+
+Weight names follow Qwen3 / released DFlash checkpoints (`fc.weight`, `hidden_norm.weight`,
+`layers.*`, `norm.weight`) so `save_pretrained`/`from_pretrained` read and write that layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from metattt.utils import atomic_dir
+
+
+@dataclass
+class DrafterConfig:
+    """Dimensions of the block drafter. `hidden_size` must equal the target's."""
+
+    hidden_size: int
+    vocab_size: int
+    mask_token_id: int
+    target_layer_ids: list[int]
+    num_target_layers: int
+    num_hidden_layers: int = 5
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 9728
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    block_size: int = 16
+    attention_bias: bool = False
+    # "sdpa" is fast; "eager" is plain matmul/softmax, which supports double backward
+    # (second-order meta-gradients). Meta-training switches to eager on its own.
+    attn_implementation: str = "sdpa"
+    extra: dict = field(default_factory=dict)  # unknown config.json keys, kept for round trips
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2 (anchor + at least one draft), got {self.block_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+
+    @property
+    def num_features(self) -> int:
+        return len(self.target_layer_ids)
+
+    @classmethod
+    def from_target(cls, target_config, mask_token_id: int, target_layer_ids: list[int], **overrides) -> DrafterConfig:
+        """Width and head layout from the target's config, as the published DFlash drafters do."""
+        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        rope_theta = getattr(text, "rope_theta", None)
+        if rope_theta is None:  # transformers 5 keeps it in rope_parameters
+            rope_theta = (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        base = dict(
+            hidden_size=text.hidden_size,
+            vocab_size=text.vocab_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
+            head_dim=head_dim,
+            intermediate_size=text.intermediate_size,
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=getattr(text, "max_position_embeddings", 40960),
+            num_target_layers=text.num_hidden_layers,
+        )
+        base.update(overrides)
+        return cls(mask_token_id=mask_token_id, target_layer_ids=list(target_layer_ids), **base)
+
+    # --- DFlash checkpoint layout (config.json) -------------------------------------------
+    def to_dflash_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "mask_token_id", "target_layer_ids")}
+        d.pop("attn_implementation")
+        out = dict(self.extra)
+        out.update(
+            architectures=["DFlashDraftModel"],
+            model_type=self.extra.get("model_type", "qwen3"),
+            dflash_config={"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)},
+            **d,
+        )
+        return out
+
+    @classmethod
+    def from_dflash_dict(cls, d: dict) -> DrafterConfig:
+        d = dict(d)
+        dflash = d.pop("dflash_config", {}) or {}
+        if "mask_token_id" not in dflash or "target_layer_ids" not in dflash:
+            raise ValueError("config.json has no dflash_config.mask_token_id / target_layer_ids: not a DFlash drafter")
+        known = {f.name for f in fields(cls)} - {"extra", "mask_token_id", "target_layer_ids"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in known}
+        if kwargs.get("rope_theta") is None:
+            kwargs["rope_theta"] = float((d.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0))
+        kwargs.setdefault("num_target_layers", max(dflash["target_layer_ids"]) + 4)
+        return cls(mask_token_id=dflash["mask_token_id"], target_layer_ids=dflash["target_layer_ids"],
+                   extra=d, **kwargs)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for integer positions (..., T) -> (..., T, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, d/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (..., T, d)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, d); cos/sin (B, T, d)."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def block_attention_mask(
+    anchors: torch.Tensor,  # (B, N) position of each block's anchor token
+    context_len: int,
+    block_size: int,
+    context_valid: torch.Tensor | None = None,  # (B, C) bool
+) -> torch.Tensor:
+    """Boolean mask (B, 1, N·S, C + N·S): True where a block query may attend.
+
+    A query of block n sees context positions p < anchors[n] and the S tokens of block n.
+    """
+    B, N = anchors.shape
+    S = block_size
+    ctx_pos = torch.arange(context_len, device=anchors.device)
+    sees_ctx = ctx_pos[None, None, :] < anchors[:, :, None]  # (B, N, C)
+    if context_valid is not None:
+        sees_ctx = sees_ctx & context_valid[:, None, :].bool()
+    sees_ctx = sees_ctx[:, :, None, :].expand(B, N, S, context_len).reshape(B, N * S, context_len)
+    block_of = torch.arange(N, device=anchors.device).repeat_interleave(S)  # (N·S,)
+    sees_block = (block_of[:, None] == block_of[None, :])[None].expand(B, N * S, N * S)
+    return torch.cat([sees_ctx, sees_block], dim=-1)[:, None]  # (B, 1, N·S, C + N·S)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class InjectedAttention(nn.Module):
+    """Qwen3 attention whose keys/values also cover the projected context features."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.impl = cfg.attn_implementation
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, kv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, kv, T, d)
+        return apply_rotary(k, cos, sin), v
+
+    def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """K/V of projected context features (B, C, H); cacheable across drafting steps."""
+        return self._kv(ctx, cos, sin)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, Q, H) normed block tokens
+        ctx_kv: tuple[torch.Tensor, torch.Tensor],  # (B, kv, C, d) each
+        cos_q: torch.Tensor,  # (B, Q, d)
+        sin_q: torch.Tensor,
+        mask: torch.Tensor | None,  # (B, 1, Q, C + Q) bool, or None = attend everywhere
+    ) -> torch.Tensor:
+        B, Q, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, Q, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, h, Q, d)
+        q = apply_rotary(q, cos_q, sin_q)
+        k_blk, v_blk = self._kv(x, cos_q, sin_q)  # (B, kv, Q, d)
+        k = torch.cat([ctx_kv[0], k_blk], dim=2)  # (B, kv, C+Q, d)
+        v = torch.cat([ctx_kv[1], v_blk], dim=2)
+        groups = self.n_heads // self.n_kv
+        k = k.repeat_interleave(groups, dim=1)  # (B, h, C+Q, d)
+        v = v.repeat_interleave(groups, dim=1)
+        if self.impl == "eager":
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, h, Q, C+Q)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, Q, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, Q, self.n_heads * self.head_dim))
+
+
+class DrafterLayer(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = InjectedAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, ctx_kv, cos_q, sin_q, mask):
+        x = x + self.self_attn(self.input_layernorm(x), ctx_kv, cos_q, sin_q, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class ContextCache:
+    """Per-layer K/V of the drafter's context (committed positions), for decoding."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, kv, C, d) each
+    length: int
+
+
+class BlockDrafter(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.fc = nn.Linear(config.num_features * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self._shared: tuple[nn.Module, nn.Module] | None = None  # target's (embed_tokens, lm_head)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    # --- the target's frozen embedding and head, borrowed, never saved ---------------------
+    def attach_target(self, target) -> BlockDrafter:
+        """Borrow `target.embed_tokens` and `target.lm_head` (kept outside this module's
+        parameters and state dict, so they are neither trained nor exported)."""
+        self._shared = (target.embed_tokens, target.lm_head)
+        return self
+
+    def _require_shared(self) -> tuple[nn.Module, nn.Module]:
+        if self._shared is None:
+            raise RuntimeError("drafter has no embedding/lm_head: call drafter.attach_target(target) first")
+        return self._shared
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._require_shared()[0](ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._require_shared()[1](hidden)
+
+    # --- context -----------------------------------------------------------------------------
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, n·H) raw target features -> (B, C, H)."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ctx = self.project_context(features)  # (B, C, H)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, ctx.dtype)
+        return [layer.self_attn.context_kv(ctx, cos, sin) for layer in self.layers]
+
+    def extend_cache(self, cache: ContextCache | None, features: torch.Tensor) -> ContextCache:
+        """Append target features of newly committed positions (B, c, n·H) to the cache."""
+        start = 0 if cache is None else cache.length
+        B, c, _ = features.shape
+        positions = torch.arange(start, start + c, device=features.device).expand(B, c)
+        new = self.context_kv(features, positions)
+        if cache is None:
+            return ContextCache(kv=new, length=c)
+        kv = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache.kv, new)]
+        return ContextCache(kv=kv, length=start + c)
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        block_ids: torch.Tensor,  # (B, N, S) [anchor, MASK, ...] per block
+        anchors: torch.Tensor,  # (B, N) position of each anchor in the sequence
+        context_features: torch.Tensor | None = None,  # (B, C, n·H) target features at positions 0..C-1
+        context_valid: torch.Tensor | None = None,  # (B, C) bool, False on padding
+        cache: ContextCache | None = None,  # instead of context_features: all cached positions are visible
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, (B, N, S, H). Use `.logits(h)` for vocab logits."""
+        B, N, S = block_ids.shape
+        x = self.embed(block_ids).reshape(B, N * S, -1).to(self.fc.weight.dtype)  # (B, N·S, H)
+        block_pos = (anchors[:, :, None] + torch.arange(S, device=anchors.device)).reshape(B, N * S)
+        cos_q, sin_q = rotary_cos_sin(block_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if cache is not None:
+            ctx_kv = cache.kv
+            mask = None if N == 1 else block_attention_mask(anchors, cache.length, S)
+        else:
+            if context_features is None:
+                raise ValueError("give context_features or a cache")
+            C = context_features.shape[1]
+            positions = torch.arange(C, device=anchors.device).expand(B, C)
+            ctx_kv = self.context_kv(context_features, positions)
+            mask = block_attention_mask(anchors, C, S, context_valid)
+        for layer, kv in zip(self.layers, ctx_kv):
+            x = layer(x, kv, cos_q, sin_q, mask)
+        return self.norm(x).reshape(B, N, S, -1)
+
+    # --- checkpoint I/O: DFlash layout -------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """config.json + model.safetensors with unprefixed weights, written atomically."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            (tmp / "config.json").write_text(json.dumps(self.config.to_dflash_dict(), indent=2) + "\n")
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, attn_implementation: str = "sdpa", strict: bool = True) -> BlockDrafter:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no drafter at {path}: expected config.json + *.safetensors")
+        config = DrafterConfig.from_dflash_dict(json.loads((path / "config.json").read_text()))
+        config.attn_implementation = attn_implementation
+        model = cls(config)
+        state: dict[str, torch.Tensor] = {}
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if strict and (missing or unexpected):
+            raise ValueError(f"drafter weights in {path} do not match its config: missing {missing}, unexpected {unexpected}")
+        dtype = next(iter(state.values())).dtype
+        return model.to(dtype)

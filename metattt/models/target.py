@@ -1,0 +1,170 @@
+"""The frozen target: any transformers causal LM, read through hidden-state taps.
+
+The drafter never trains the target. It reads the raw outputs of a few decoder layers
+(`target_layer_ids`) and borrows the target's token embedding and lm_head. In a
+transformers forward with `output_hidden_states=True`, `hidden_states[0]` is the
+embedding output and `hidden_states[i + 1]` the output of decoder layer `i`; the last
+entry already has the final norm applied, which is why layer ids stop at L - 3 by default.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """DFlash's rule: rounded linspace from layer 1 to layer L-3 over the drafter's layers.
+
+    For a 36-layer Qwen3-4B/8B and a 5-layer drafter this gives [1, 9, 17, 25, 33].
+    """
+    if num_target_layers < 2:
+        raise ValueError(f"the target needs at least 2 decoder layers, it has {num_target_layers}")
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, max(1, num_target_layers - 3)
+    span = end - start
+    return [int(round(start + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+
+
+def validate_layer_ids(layer_ids: list[int], num_target_layers: int) -> None:
+    if not layer_ids:
+        raise ValueError("target_layer_ids is empty: give at least one decoder layer index")
+    bad = [i for i in layer_ids if not 0 <= i < num_target_layers]
+    if bad:
+        raise ValueError(
+            f"target_layer_ids {bad} out of range: the target has {num_target_layers} decoder layers "
+            f"(valid ids 0..{num_target_layers - 1})"
+        )
+
+
+@dataclass
+class TargetOutput:
+    features: torch.Tensor  # (B, T, n·H): tapped layers concatenated on the last dim
+    logits: torch.Tensor | None  # (B, T, V), or None when not asked for
+    past_key_values: object | None = None
+
+
+def _num_layers(config: PretrainedConfig) -> int:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.num_hidden_layers)
+
+
+class FrozenTarget(nn.Module):
+    """A frozen causal LM that returns the hidden states of `layer_ids` (+ logits)."""
+
+    def __init__(self, model: PreTrainedModel, layer_ids: list[int]):
+        super().__init__()
+        validate_layer_ids(layer_ids, _num_layers(model.config))
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.layer_ids = list(layer_ids)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        layer_ids: list[int] | None = None,
+        num_draft_layers: int = 5,
+        dtype: torch.dtype | str = "auto",
+        attn_implementation: str | None = "sdpa",
+        **kwargs,
+    ) -> FrozenTarget:
+        """Load a local checkpoint folder, or a hub id (`org/name`) where a network exists."""
+        local = Path(path).expanduser()
+        is_hub_id = not local.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
+        if not is_hub_id and not (local / "config.json").is_file():
+            raise FileNotFoundError(
+                f"target checkpoint not found: {path!s} has no config.json. Point `target_path` at a "
+                "transformers model folder (the tiny recipe builds one under checkpoints/tiny/target/)."
+            )
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path) if is_hub_id else str(local),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+        num_layers = _num_layers(model.config)
+        ids = layer_ids if layer_ids is not None else default_target_layer_ids(num_layers, num_draft_layers)
+        log.info("target %s: %d layers, tapping %s", path, num_layers, ids)
+        return cls(model, ids)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig | dict, layer_ids: list[int] | None = None,
+                    num_draft_layers: int = 2, seed: int = 0) -> FrozenTarget:
+        """Build a randomly initialised target from a config (tests, tiny recipes)."""
+        if isinstance(config, dict):
+            config = AutoConfig.for_model(**config)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        num_layers = _num_layers(model.config)
+        ids = layer_ids if layer_ids is not None else default_target_layer_ids(num_layers, num_draft_layers)
+        return cls(model, ids)
+
+    # The drafter borrows these, frozen.
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return _num_layers(self.model.config)
+
+    def train(self, mode: bool = True) -> FrozenTarget:
+        # Lightning calls .train() on the whole module tree; the target stays in eval (no dropout).
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        return_logits: bool = True,
+        logits_to_keep: int = 0,
+    ) -> TargetOutput:
+        kwargs = {}
+        if past_key_values is not None:
+            kwargs[self._cache_kwarg] = past_key_values
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            output_hidden_states=True,
+            logits_to_keep=logits_to_keep if return_logits else 1,
+            **kwargs,
+        )
+        features = torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1)  # (B, T, n·H)
+        return TargetOutput(
+            features=features,
+            logits=out.logits if return_logits else None,
+            past_key_values=(getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if use_cache else None,
+        )
+
+    @property
+    def _cache_kwarg(self) -> str:
+        # transformers 5.2x renamed the forward argument `past_key_values` to `cache`.
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"

@@ -1,0 +1,153 @@
+"""Builds the objects a stage needs from a parsed recipe, and runs the stages."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from metattt.checkpointing import AtomicCheckpointIO, find_resumable_checkpoint
+from metattt.config import DistillConfig, DrafterArgs, RunConfig, TargetConfig, TrainerConfig
+from metattt.models.drafter import BlockDrafter, DrafterConfig
+from metattt.models.target import FrozenTarget
+
+log = logging.getLogger("metattt")
+
+
+def load_target(cfg: TargetConfig, num_draft_layers: int, tiny_config=None) -> FrozenTarget:
+    path = Path(cfg.path).expanduser()
+    if cfg.build_tiny and not (path / "config.json").is_file():
+        from metattt.tiny import ensure_tiny_target
+
+        if path.name != "target":
+            raise ValueError(f"target.build_tiny builds into <root>/target; {path} is not named 'target'")
+        log.info("no target at %s: building the tiny CPU target (once; later runs reuse it)", path)
+        ensure_tiny_target(root=path.parent, config=tiny_config)
+    return FrozenTarget.from_pretrained(
+        cfg.path, layer_ids=cfg.layer_ids, num_draft_layers=num_draft_layers,
+        dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+    )
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path)
+
+
+def mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(mask_token)
+    if tid is None or tid == tokenizer.unk_token_id or (isinstance(tid, int) and tid < 0):
+        raise ValueError(
+            f"the tokenizer has no mask token {mask_token!r}. The block drafter fills blocks with it. Add one "
+            "(tokenizer.add_special_tokens({'additional_special_tokens': ['<|mask|>']}) and save), or set "
+            "drafter.mask_token to a special token the tokenizer has."
+        )
+    return int(tid)
+
+
+def build_drafter(args: DrafterArgs, target: FrozenTarget, tokenizer: PreTrainedTokenizerBase) -> BlockDrafter:
+    if args.init_from:
+        drafter = BlockDrafter.from_pretrained(args.init_from, attn_implementation=args.attn_implementation)
+        cfg = drafter.config
+        if cfg.hidden_size != target.hidden_size:
+            raise ValueError(f"drafter {args.init_from} has width {cfg.hidden_size}, the target {target.hidden_size}")
+        if list(cfg.target_layer_ids) != list(target.layer_ids):
+            log.warning("using the drafter's target_layer_ids %s (recipe/target had %s)", cfg.target_layer_ids,
+                        target.layer_ids)
+            target.layer_ids = list(cfg.target_layer_ids)
+        return drafter.attach_target(target)
+    overrides = {
+        k: v for k, v in dict(
+            intermediate_size=args.intermediate_size, num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_key_value_heads, head_dim=args.head_dim,
+        ).items() if v is not None
+    }
+    config = DrafterConfig.from_target(
+        target.config, mask_token_id=mask_token_id(tokenizer, args.mask_token),
+        target_layer_ids=target.layer_ids, num_hidden_layers=args.num_hidden_layers,
+        block_size=args.block_size, attn_implementation=args.attn_implementation, **overrides,
+    )
+    return BlockDrafter(config).attach_target(target)
+
+
+def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epochs: int, max_steps: int,
+                 grad_clip: float | None, checkpoint_every_n_steps: int, val_check_interval=1.0,
+                 limit_val_batches=1.0, accumulate_grad_batches: int = 1, monitor: str | None = None,
+                 extra_callbacks: list | None = None) -> L.Trainer:
+    stage_dir = run.out_dir / stage
+    callbacks = [
+        ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=checkpoint_every_n_steps,
+                        save_top_k=1 if monitor else 0, monitor=monitor, save_on_train_epoch_end=True),
+        LearningRateMonitor(logging_interval="step"),
+        *(extra_callbacks or []),
+    ]
+    return L.Trainer(
+        default_root_dir=stage_dir,
+        logger=TensorBoardLogger(save_dir=str(stage_dir), name="tb"),
+        callbacks=callbacks,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        gradient_clip_val=grad_clip,
+        val_check_interval=val_check_interval,
+        limit_val_batches=limit_val_batches,
+        accumulate_grad_batches=accumulate_grad_batches,
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=trainer.strategy,
+        precision=trainer.precision,
+        log_every_n_steps=trainer.log_every_n_steps,
+        enable_progress_bar=trainer.enable_progress_bar,
+        deterministic=trainer.deterministic,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def build_datamodule(data_kwargs: dict, tokenizer: PreTrainedTokenizerBase, seed: int, block_size: int):
+    """The DataModule, set up and checked: every kept sequence has room for at least one block."""
+    from metattt.data.datamodule import SequenceDataModule
+
+    kwargs = dict(data_kwargs)
+    kwargs.setdefault("seed", seed)
+    kwargs["min_length"] = max(kwargs.get("min_length") or 0, block_size + 1)
+    if kwargs.get("max_length", block_size + 1) < block_size + 1:
+        raise ValueError(f"data.max_length={kwargs['max_length']} cannot hold one block: it needs at least "
+                         f"drafter.block_size + 1 = {block_size + 1} tokens")
+    dm = SequenceDataModule(tokenizer=tokenizer, **kwargs)
+    try:
+        dm.setup("fit")
+    except ValueError as e:
+        raise ValueError(f"{e}. Sequences shorter than drafter.block_size + 1 = {block_size + 1} tokens hold "
+                         "no block and are dropped.") from e
+    return dm
+
+
+def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, data: dict,
+                trainer_cfg: TrainerConfig, distill: DistillConfig, tiny_config=None) -> Path:
+    """Distill a drafter and export it to `{out}/drafter/` (DFlash layout). Returns that folder."""
+    from metattt.lit.distill import DistillModule
+
+    L.seed_everything(run.seed, workers=True)
+    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+    tokenizer = load_tokenizer(target_cfg.path)
+    drafter = build_drafter(drafter_args, target, tokenizer)
+    dm = build_datamodule(data, tokenizer, run.seed, drafter.config.block_size)
+    module = DistillModule(target, drafter, lr=distill.lr, weight_decay=distill.weight_decay,
+                           warmup_ratio=distill.warmup_ratio, num_anchors=distill.num_anchors,
+                           gamma=distill.gamma, seed=run.seed)
+    trainer = make_trainer(run, trainer_cfg, "distill", max_epochs=distill.max_epochs, max_steps=distill.max_steps,
+                           grad_clip=distill.grad_clip, checkpoint_every_n_steps=distill.checkpoint_every_n_steps,
+                           val_check_interval=distill.val_check_interval, limit_val_batches=distill.limit_val_batches,
+                           accumulate_grad_batches=distill.accumulate_grad_batches)
+    ckpt = find_resumable_checkpoint(run.out_dir / "distill" / "checkpoints") if run.resume else None
+    if ckpt:
+        log.info("resuming distillation from %s", ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    out = run.out_dir / "drafter"
+    if trainer.is_global_zero:
+        module.drafter.save_pretrained(out)
+        log.info("drafter written to %s", out)
+    return out

@@ -1,0 +1,112 @@
+"""Shared fixtures: everything on CPU in float32, tiny models built from configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_float32():
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+def qwen3_config(vocab_size: int = 96, layers: int = 4, hidden: int = 32):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        tie_word_embeddings=True, eos_token_id=0, pad_token_id=0,
+    )
+
+
+def llama_config(vocab_size: int = 96, layers: int = 4, hidden: int = 32):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=0, pad_token_id=0,
+    )
+
+
+MASK_ID = 1
+
+
+@pytest.fixture
+def tiny_target():
+    from metattt.models.target import FrozenTarget
+
+    return FrozenTarget.from_config(qwen3_config(), num_draft_layers=2, seed=0)
+
+
+@pytest.fixture
+def tiny_drafter(tiny_target):
+    from metattt.models.drafter import BlockDrafter, DrafterConfig
+
+    torch.manual_seed(1)
+    cfg = DrafterConfig.from_target(tiny_target.config, mask_token_id=MASK_ID, target_layer_ids=tiny_target.layer_ids,
+                                    num_hidden_layers=2, block_size=4)
+    return BlockDrafter(cfg).attach_target(tiny_target)
+
+
+CODE_SNIPPETS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nprint(os.path.join('a', 'b'))\n",
+    "while True:\n    line = input()\n    if not line:\n        break\n",
+    "numbers = [n for n in range(100) if n % 3 == 0]\n",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "with open('x.txt') as f:\n    data = f.read().split()\n",
+]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """A folder laid out like a recipe's: tokenizer + randomly initialised tiny target + jsonl data."""
+    from metattt.tiny import train_tokenizer
+
+    root = tmp_path_factory.mktemp("ws")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    texts = [s * 3 for s in CODE_SNIPPETS] * 6
+    for name, rows in (("train", texts), ("validation", texts[:8])):
+        with open(corpus / f"{name}.jsonl", "w") as f:
+            for t in rows:
+                f.write(json.dumps({"text": t}) + "\n")
+    tok = train_tokenizer(corpus / "train.jsonl", root / "tokenizer", vocab_size=300)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(qwen3_config(vocab_size=len(tok)))
+    model.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    return root
+
+
+def recipe_args(ws: Path, *extra: str) -> list[str]:
+    """CLI overrides that point the tiny recipe at a test workspace and shrink everything."""
+    return [
+        "--config", "recipes/tiny.yaml",
+        f"--run.output_root={ws / 'out'}", "--run.name=t",
+        f"--target.path={ws / 'target'}", "--target.build_tiny=false",
+        f"--data.train_files={ws / 'corpus' / 'train.jsonl'}",
+        f"--data.val_files={ws / 'corpus' / 'validation.jsonl'}",
+        "--data.max_length=48", "--data.batch_size=4",
+        "--drafter.block_size=4", "--drafter.num_hidden_layers=2",
+        "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+        "--distill.num_anchors=8", "--distill.limit_val_batches=1",
+        *extra,
+    ]

@@ -1,0 +1,103 @@
+"""Distillation end to end through the CLI, resume, export, recipes and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe_args
+
+from metattt.cli import main, parse_recipe
+from metattt.models.drafter import BlockDrafter
+from metattt.models.target import FrozenTarget
+
+RECIPES = sorted(Path("recipes").glob("*.yaml"))
+
+
+def _outputs(drafter: BlockDrafter, target: FrozenTarget) -> torch.Tensor:
+    torch.manual_seed(0)
+    ids = torch.randint(4, 200, (1, 20))
+    anchors = torch.tensor([[5, 11]])
+    blocks = torch.full((1, 2, 4), drafter.config.mask_token_id)
+    blocks[:, :, 0] = ids.gather(1, anchors)
+    return drafter(blocks, anchors, context_features=target(ids).features)
+
+
+def test_two_step_distill_checkpoints_resumes_and_exports(workspace):
+    out = workspace / "out" / "t"
+    main(["distill", *recipe_args(workspace, "--distill.max_steps=2", "--distill.checkpoint_every_n_steps=1",
+                                  "--distill.val_check_interval=2")])
+    ckpts = out / "distill" / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    state = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2
+    assert not any(k.startswith("target.") for k in state["state_dict"]), "frozen target leaked into checkpoint"
+    assert (out / "drafter" / "config.json").is_file() and (out / "drafter" / "model.safetensors").is_file()
+
+    # resume: two more steps continue from step 2, not from scratch
+    main(["distill", *recipe_args(workspace, "--distill.max_steps=4", "--distill.checkpoint_every_n_steps=1",
+                                  "--distill.val_check_interval=2")])
+    state = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 4
+
+    # the export equals the checkpoint's weights, and reloads with identical outputs
+    drafter = BlockDrafter.from_pretrained(out / "drafter")
+    for name, tensor in drafter.state_dict().items():
+        torch.testing.assert_close(tensor, state["state_dict"][f"drafter.{name}"], rtol=0, atol=0)
+    target = FrozenTarget.from_pretrained(workspace / "target", layer_ids=drafter.config.target_layer_ids)
+    drafter.attach_target(target)
+    native = BlockDrafter(drafter.config)
+    native.load_state_dict({k[len("drafter."):]: v for k, v in state["state_dict"].items() if k.startswith("drafter.")})
+    native.attach_target(target)
+    torch.testing.assert_close(_outputs(drafter, target), _outputs(native, target), rtol=0, atol=0)
+    assert (out / "distill" / "tb").is_dir()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_parses(recipe):
+    stage, r = parse_recipe(["distill", "--config", str(recipe)])
+    assert stage == "distill"
+    assert r.drafter.block_size >= 2 and r.run.name
+
+
+def test_missing_target_path_fails_before_writing(tmp_path, workspace):
+    args = recipe_args(workspace, f"--target.path={tmp_path / 'missing'}", f"--run.output_root={tmp_path / 'o'}")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        main(["distill", *args])
+    assert not (tmp_path / "o").exists()
+
+
+def test_layer_id_out_of_range(tmp_path, workspace):
+    with pytest.raises(ValueError, match="out of range"):
+        main(["distill", *recipe_args(workspace, "--target.layer_ids=[1, 9]", f"--run.output_root={tmp_path}")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_dataset(tmp_path, workspace):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no sequences|empty"):
+        main(["distill", *recipe_args(workspace, f"--data.train_files={empty}", f"--run.output_root={tmp_path / 'o'}")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_sequences_too_short_for_a_block(tmp_path, workspace):
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps({"text": "x"}) for _ in range(4)) + "\n")
+    with pytest.raises(ValueError, match="block_size \\+ 1"):
+        main(["distill", *recipe_args(workspace, f"--data.train_files={short}", "--data.pack=false",
+                                      f"--run.output_root={tmp_path / 'o'}")])
+    with pytest.raises(ValueError, match="cannot hold one block"):
+        main(["distill", *recipe_args(workspace, "--data.max_length=3", f"--run.output_root={tmp_path / 'o'}")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_without_mask_token(tmp_path, workspace):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match="no mask token"):
+        main(["distill", *recipe_args(workspace, "--drafter.mask_token=<|nope|>", f"--run.output_root={tmp_path / 'o'}")])
+    assert AutoTokenizer.from_pretrained(workspace / "target").convert_tokens_to_ids("<|mask|>") == 1
+    assert not (tmp_path / "o").exists()
