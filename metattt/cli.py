@@ -12,12 +12,21 @@ from dataclasses import asdict
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from metattt.config import DistillConfig, DrafterArgs, RunConfig, TargetConfig, TrainerConfig
+from metattt.config import (
+    DistillConfig,
+    DrafterArgs,
+    LoraArgs,
+    MetaConfig,
+    RunConfig,
+    TargetConfig,
+    TrainerConfig,
+)
 from metattt.data.datamodule import SequenceDataModule
 from metattt.tiny import TinyTargetConfig
 
 STAGES: dict[str, str] = {
     "distill": "Distill a block drafter from the frozen target; export it to {out}/drafter/.",
+    "meta-train": "Meta-train the drafter's LoRA initialization; export a peft adapter to {out}/meta_lora/.",
     "build-target": "Build the tiny CPU target (stdlib corpus, tokenizer, small Qwen3 LM) if missing.",
 }
 
@@ -31,6 +40,8 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(SequenceDataModule, "data", skip={"tokenizer"}, instantiate=False)
     parser.add_class_arguments(TrainerConfig, "trainer")
     parser.add_class_arguments(DistillConfig, "distill")
+    parser.add_class_arguments(LoraArgs, "lora")
+    parser.add_class_arguments(MetaConfig, "meta")
 
 
 def build_parser() -> ArgumentParser:
@@ -68,6 +79,9 @@ def run_stage(stage: str, r: Namespace) -> None:
     elif stage == "distill":
         pipeline.run_distill(r.run, r.target, r.drafter, _section_dict(r.data), r.trainer, r.distill,
                              tiny_config=r.tiny_target)
+    elif stage == "meta-train":
+        pipeline.run_meta_train(r.run, r.target, r.drafter, r.lora, _section_dict(r.data), r.trainer, r.distill,
+                                r.meta, tiny_config=r.tiny_target)
     else:  # pragma: no cover - guarded by the parser
         raise ValueError(f"unknown stage {stage}")
 

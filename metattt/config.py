@@ -117,3 +117,79 @@ class DistillConfig:
     """Validation batches per check."""
     checkpoint_every_n_steps: int = 200
     """Write `last.ckpt` every N optimizer steps (plus at every epoch end)."""
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters on the drafter (through peft): the fast weights of test-time training."""
+
+    r: int = 16
+    """Rank."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """LoRA dropout (keep 0: the inner loop should be deterministic)."""
+    target_modules: list[str] | None = None
+    """Module names that carry LoRA; None: fc, q_proj, k_proj, v_proj."""
+
+
+@dataclass
+class MetaConfig:
+    """Stage 2: bi-level meta-training of the LoRA initialization."""
+
+    algorithm: str = "maml"
+    """maml (exact second order, TTT-E2E), fomaml (first order) or reptile."""
+    inner_steps: int = 3
+    """Inner SGD steps k (reptile needs k > 1; k = 1 is joint training)."""
+    inner_lr: float = 1e-2
+    """Inner learning rate (the initial value of learned lrs with learn_inner_lr)."""
+    inner_lr_warmup_steps: int = 0
+    """Outer steps over which the inner lr ramps linearly from 0 (TTT-E2E warms it up)."""
+    learn_inner_lr: bool = False
+    """Meta-SGD: one learned inner lr per LoRA tensor."""
+    inner_clip: float = 1.0
+    """Global-norm clip of inner gradients (<= 0: off)."""
+    inner_anchors: int = 64
+    """Blocks sampled from the context for the inner loss."""
+    outer_anchors: int = 64
+    """Blocks sampled from the continuation for the outer loss."""
+    context_min: int = 64
+    """Shortest context (tokens) of a context/continuation split."""
+    context_max: int = 192
+    """Longest context (tokens)."""
+    prequential: bool = False
+    """TTT-E2E's prequential outer loss: each inner step trains on the next context chunk, scored before it."""
+    checkpoint_inner_steps: bool = False
+    """Recompute each inner step in the backward (saves memory of second-order graphs)."""
+    update_base: bool = False
+    """Also train the drafter's base weights in the outer loop."""
+    objective_block: float = 1.0
+    """Inner objective weight: block prediction on the context."""
+    objective_clm: float = 0.0
+    """Inner objective weight: next-token CE on the context."""
+    objective_feature: float = 0.0
+    """Inner objective weight: reconstruct the target's hidden state through a learned head."""
+    objective_attn_entropy: float = 0.0
+    """Inner objective weight: attention-entropy regularizer (forces eager attention)."""
+    gamma: float | None = None
+    """Block position decay; None: by block size."""
+    lr: float = 1e-3
+    """Outer AdamW learning rate."""
+    weight_decay: float = 0.0
+    """Outer AdamW weight decay."""
+    warmup_ratio: float = 0.05
+    """Outer warm-up fraction before cosine decay."""
+    grad_clip: float = 1.0
+    """Outer global-norm gradient clip."""
+    max_epochs: int = 1
+    """Epochs."""
+    max_steps: int = -1
+    """Outer steps (-1: no limit)."""
+    val_check_interval: int | float = 1.0
+    """Validate every N steps (int) or fraction of an epoch (float)."""
+    limit_val_batches: int | float = 1.0
+    """Validation batches per check."""
+    checkpoint_every_n_steps: int = 50
+    """Write last.ckpt every N outer steps."""
+    drafter_path: str | None = None
+    """Drafter to meta-train (DFlash layout); None: {out}/drafter, distilled first if missing."""

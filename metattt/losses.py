@@ -125,10 +125,11 @@ def decayed_block_ce(
     w = weights.reshape(-1)
     keep = w > 0  # only supervised positions get logits
     h, y, w_kept = h[keep], y[keep], w[keep]
-    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; fp64 stays fp64 (tests)
+    total = torch.zeros((), device=hidden.device, dtype=acc_dtype)
     correct_kept = torch.zeros_like(y, dtype=torch.bool)
     for start in range(0, h.shape[0], chunk_size):
-        logits = lm_head(h[start : start + chunk_size]).float()  # (m, V)
+        logits = lm_head(h[start : start + chunk_size]).to(acc_dtype)  # (m, V)
         ce = F.cross_entropy(logits, y[start : start + chunk_size], reduction="none")
         total = total + (ce * w_kept[start : start + chunk_size]).sum()
         correct_kept[start : start + chunk_size] = logits.detach().argmax(-1) == y[start : start + chunk_size]

@@ -11,7 +11,15 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from metattt.checkpointing import AtomicCheckpointIO, find_resumable_checkpoint
-from metattt.config import DistillConfig, DrafterArgs, RunConfig, TargetConfig, TrainerConfig
+from metattt.config import (
+    DistillConfig,
+    DrafterArgs,
+    LoraArgs,
+    MetaConfig,
+    RunConfig,
+    TargetConfig,
+    TrainerConfig,
+)
 from metattt.models.drafter import BlockDrafter, DrafterConfig
 from metattt.models.target import FrozenTarget
 
@@ -76,7 +84,7 @@ def build_drafter(args: DrafterArgs, target: FrozenTarget, tokenizer: PreTrained
 def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epochs: int, max_steps: int,
                  grad_clip: float | None, checkpoint_every_n_steps: int, val_check_interval=1.0,
                  limit_val_batches=1.0, accumulate_grad_batches: int = 1, monitor: str | None = None,
-                 extra_callbacks: list | None = None) -> L.Trainer:
+                 extra_callbacks: list | None = None, inference_mode: bool = True) -> L.Trainer:
     stage_dir = run.out_dir / stage
     callbacks = [
         ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=checkpoint_every_n_steps,
@@ -92,6 +100,8 @@ def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epoc
         max_steps=max_steps,
         gradient_clip_val=grad_clip,
         val_check_interval=val_check_interval,
+        # an int interval counts optimizer steps across epochs, so it may exceed one epoch's batches
+        check_val_every_n_epoch=None if isinstance(val_check_interval, int) else 1,
         limit_val_batches=limit_val_batches,
         accumulate_grad_batches=accumulate_grad_batches,
         accelerator=trainer.accelerator,
@@ -103,6 +113,7 @@ def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epoc
         enable_progress_bar=trainer.enable_progress_bar,
         deterministic=trainer.deterministic,
         plugins=[AtomicCheckpointIO()],
+        inference_mode=inference_mode,
     )
 
 
@@ -150,4 +161,57 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
     if trainer.is_global_zero:
         module.drafter.save_pretrained(out)
         log.info("drafter written to %s", out)
+    return out
+
+
+def run_meta_train(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
+                   data: dict, trainer_cfg: TrainerConfig, distill: DistillConfig, meta: MetaConfig,
+                   tiny_config=None) -> Path:
+    """Meta-train a LoRA init on the distilled drafter; export a peft adapter to {out}/meta_lora/."""
+    from metattt.lit.meta import MetaTrainModule
+    from metattt.models.lora import add_lora, export_meta_lora
+    from metattt.ttt.algorithms import ALGORITHMS
+
+    if meta.algorithm not in ALGORITHMS:
+        raise ValueError(f"meta.algorithm={meta.algorithm!r}: choose one of {ALGORITHMS}")
+    if meta.algorithm == "reptile" and meta.inner_steps < 2:
+        raise ValueError("reptile needs meta.inner_steps > 1 (with k = 1 it is joint training)")
+    if meta.prequential and meta.algorithm != "maml":
+        raise ValueError("meta.prequential needs meta.algorithm=maml")
+    drafter_path = Path(meta.drafter_path) if meta.drafter_path else run.out_dir / "drafter"
+    if not (drafter_path / "config.json").is_file():
+        if meta.drafter_path:
+            raise FileNotFoundError(f"meta.drafter_path={drafter_path} has no drafter (config.json)")
+        log.info("no drafter at %s: distilling one first", drafter_path)
+        run_distill(run, target_cfg, drafter_args, data, trainer_cfg, distill, tiny_config)
+    L.seed_everything(run.seed, workers=True)
+    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+    tokenizer = load_tokenizer(target_cfg.path)
+    drafter = build_drafter(DrafterArgs(init_from=str(drafter_path), attn_implementation=drafter_args.attn_implementation),
+                            target, tokenizer)
+    S = drafter.config.block_size
+    if meta.context_max < S + 1:
+        raise ValueError(f"meta.context_max={meta.context_max} leaves no room for a block of {S} in the context")
+    dm = build_datamodule(data, tokenizer, run.seed, 2 * S + 1)  # a block in the context and one after it
+    model = add_lora(drafter, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                     target_modules=lora.target_modules, seed=run.seed)
+    module = MetaTrainModule(target, model, meta, seed=run.seed)
+    trainer = make_trainer(run, trainer_cfg, "meta", max_epochs=meta.max_epochs, max_steps=meta.max_steps,
+                           grad_clip=None, checkpoint_every_n_steps=meta.checkpoint_every_n_steps,
+                           val_check_interval=meta.val_check_interval, limit_val_batches=meta.limit_val_batches,
+                           inference_mode=False)
+    ckpt = find_resumable_checkpoint(run.out_dir / "meta" / "checkpoints") if run.resume else None
+    if ckpt:
+        log.info("resuming meta-training from %s", ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    out = run.out_dir / "meta_lora"
+    if trainer.is_global_zero:
+        base_path = drafter_path
+        if meta.update_base:
+            base_path = run.out_dir / "meta_drafter"
+            model.get_base_model().save_pretrained(base_path)
+        extra = {"feature_head.weight": module.feature_head.weight} if module.feature_head is not None else None
+        export_meta_lora(model, out, module.ttt_config(), base_path, extra=extra, algorithm=meta.algorithm,
+                         global_step=trainer.global_step)
+        log.info("meta-learned LoRA init written to %s", out)
     return out

@@ -105,6 +105,11 @@ class DrafterConfig:
         return out
 
     @classmethod
+    def from_pretrained(cls, path: str | Path) -> DrafterConfig:
+        """Read `path/config.json` (peft calls this on the adapter's base model when saving)."""
+        return cls.from_dflash_dict(json.loads((Path(path) / "config.json").read_text()))
+
+    @classmethod
     def from_dflash_dict(cls, d: dict) -> DrafterConfig:
         d = dict(d)
         dflash = d.pop("dflash_config", {}) or {}
@@ -127,7 +132,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # bf16 -> fp32; fp64 stays fp64
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -194,6 +199,8 @@ class InjectedAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.track_entropy = False  # eager only: keep the mean attention entropy (a TTT regularizer)
+        self.last_entropy: torch.Tensor | None = None
 
     def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
@@ -226,10 +233,22 @@ class InjectedAttention(nn.Module):
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, h, Q, C+Q)
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+            probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+            if self.track_entropy:
+                self.last_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            out = probs.to(q.dtype) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, Q, d)
         return self.o_proj(out.transpose(1, 2).reshape(B, Q, self.n_heads * self.head_dim))
+
+
+def set_attn_implementation(model: nn.Module, impl: str) -> None:
+    """Switch every drafter attention to `impl` ("sdpa" or "eager"), e.g. for double backward."""
+    for m in model.modules():
+        if isinstance(m, InjectedAttention):
+            m.impl = impl
+        if isinstance(getattr(m, "config", None), DrafterConfig):
+            m.config.attn_implementation = impl
 
 
 class DrafterLayer(nn.Module):
@@ -356,7 +375,7 @@ class BlockDrafter(nn.Module):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no drafter at {path}: expected config.json + *.safetensors")
-        config = DrafterConfig.from_dflash_dict(json.loads((path / "config.json").read_text()))
+        config = DrafterConfig.from_pretrained(path)
         config.attn_implementation = attn_implementation
         model = cls(config)
         state: dict[str, torch.Tensor] = {}

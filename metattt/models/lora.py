@@ -1,0 +1,62 @@
+"""LoRA on the drafter through peft, and the peft adapter export that serving code loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from metattt.models.drafter import BlockDrafter
+from metattt.ttt.tasks import TTTConfig
+from metattt.utils import atomic_dir
+
+TTT_CONFIG_NAME = "ttt_config.json"
+EXTRA_WEIGHTS_NAME = "ttt_extra.safetensors"
+
+
+def add_lora(drafter: BlockDrafter, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+             target_modules: list[str] | None = None, seed: int = 0) -> PeftModel:
+    """Wrap the drafter with fresh LoRA adapters (peft's default init: A random, B = 0)."""
+    target_modules = list(target_modules or ["fc", "q_proj", "k_proj", "v_proj"])
+    names = {n.rsplit(".", 1)[-1] for n, _ in drafter.named_modules()}
+    missing = [m for m in target_modules if m not in names]
+    if missing:
+        raise ValueError(f"lora.target_modules {missing} are not modules of the drafter; it has {sorted(names)}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(drafter, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                  target_modules=target_modules, bias="none"))
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA tensors by their names in `model` (the fast weights of the inner loop)."""
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def export_meta_lora(model: PeftModel, out: Path, ttt: TTTConfig, base_model_path: str | Path,
+                     extra: dict[str, torch.Tensor] | None = None, **info) -> Path:
+    """A peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`) plus what
+    test-time training must reproduce (`ttt_config.json`, learned heads in `ttt_extra.safetensors`)."""
+    out = Path(out)
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = str(base_model_path)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        ttt.save(tmp / TTT_CONFIG_NAME, **info)
+        if extra:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA_WEIGHTS_NAME))
+    return out
+
+
+def load_meta_lora(drafter: BlockDrafter, path: Path, is_trainable: bool = True
+                   ) -> tuple[PeftModel, TTTConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no peft adapter at {path} (expected adapter_config.json): run meta-train first")
+    model = PeftModel.from_pretrained(drafter, str(path), is_trainable=is_trainable)
+    ttt = TTTConfig.load(path / TTT_CONFIG_NAME) if (path / TTT_CONFIG_NAME).is_file() else TTTConfig()
+    extra = load_file(str(path / EXTRA_WEIGHTS_NAME)) if (path / EXTRA_WEIGHTS_NAME).is_file() else {}
+    return model, ttt, extra

@@ -1,0 +1,231 @@
+"""Context/continuation tasks, the TTT objectives, and test-time adaptation of a prompt.
+
+A task is one sequence split at `context_len`. The inner (TTT) loss sees the context only —
+its tokens and the target features of its positions, sliced before anything is computed —
+exactly what a prompt gives at inference. The outer loss scores blocks anchored in the
+continuation, each conditioned (as at inference) on the target features of everything
+before its anchor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from metattt.losses import (
+    BlockLoss,
+    block_targets,
+    decayed_block_ce,
+    make_blocks,
+    sample_anchors,
+    valid_anchor_mask,
+)
+from metattt.ttt.inner import Functional, InnerResult, ParamDict, inner_loop
+
+
+@dataclass
+class TTTObjective:
+    """Weights of the inner-loop (test-time training) loss terms."""
+
+    block: float = 1.0
+    """Block prediction on the context, as at inference (the default objective)."""
+    clm: float = 0.0
+    """Next-token CE on every context position (blocks of 2: anchor + one draft)."""
+    feature: float = 0.0
+    """Reconstruct the target's last tapped hidden state from the drafter's, through a learned head."""
+    attn_entropy: float = 0.0
+    """Attention-entropy regularizer (eager attention only): + weight × mean entropy."""
+
+
+@dataclass
+class TTTConfig:
+    """What test-time training does on a prompt; meta-training exports it beside the LoRA init."""
+
+    steps: int = 3
+    """Inner SGD steps."""
+    lr: float = 1e-2
+    """Inner learning rate (scalar)."""
+    learned_lrs: dict[str, float] | None = None
+    """Per-tensor inner lrs (Meta-SGD); overrides `lr` where given."""
+    clip: float | None = 1.0
+    """Global-norm clip of inner gradients."""
+    num_anchors: int = 64
+    """Blocks sampled from the prompt per inner step."""
+    gamma: float = 4.0
+    """Position decay of the block loss."""
+    objective: TTTObjective = field(default_factory=TTTObjective)
+
+    def lr_for(self, names: list[str]) -> float | ParamDict:
+        if not self.learned_lrs:
+            return self.lr
+        return {n: torch.tensor(self.learned_lrs.get(n, self.lr)) for n in names}
+
+    def save(self, path: Path, **extra) -> None:
+        from metattt.utils import atomic_write_json
+
+        atomic_write_json(Path(path), {**asdict(self), **extra})
+
+    @classmethod
+    def load(cls, path: Path) -> TTTConfig:
+        d = json.loads(Path(path).read_text())
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["objective"] = TTTObjective(**known.get("objective", {}))
+        return cls(**known)
+
+
+@dataclass
+class Task:
+    ids: torch.Tensor  # (1, T) real tokens only
+    features: torch.Tensor  # (1, T, n·H) target features of every position
+    loss_mask: torch.Tensor  # (1, T)
+    context_len: int
+
+    @property
+    def context_ids(self) -> torch.Tensor:
+        return self.ids[:, : self.context_len]
+
+    @property
+    def context_features(self) -> torch.Tensor:
+        return self.features[:, : self.context_len]
+
+    @property
+    def context_loss_mask(self) -> torch.Tensor:
+        return self.loss_mask[:, : self.context_len]
+
+
+def make_tasks(
+    batch: dict[str, torch.Tensor],
+    features: torch.Tensor,  # (B, T, n·H)
+    context_min: int,
+    context_max: int,
+    block_size: int,
+    generator: torch.Generator,
+) -> list[Task]:
+    """One task per row that has room for a block in its context and one in its continuation."""
+    tasks = []
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    for row, length in enumerate(lengths):
+        lo = max(context_min, block_size + 1)
+        hi = min(context_max, length - block_size)
+        if hi < lo:
+            continue
+        ctx = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        tasks.append(Task(
+            ids=batch["input_ids"][row : row + 1, :length],
+            features=features[row : row + 1, :length],
+            loss_mask=batch["loss_mask"][row : row + 1, :length],
+            context_len=ctx,
+        ))
+    return tasks
+
+
+def context_anchors(task: Task, num_anchors: int, block_size: int, generator: torch.Generator):
+    valid = valid_anchor_mask(task.context_loss_mask, None, block_size)  # blocks end inside the context
+    return sample_anchors(valid, num_anchors, generator)
+
+
+def continuation_anchors(task: Task, num_anchors: int, block_size: int, generator: torch.Generator):
+    valid = valid_anchor_mask(task.loss_mask, None, block_size, lo=task.context_len)
+    return sample_anchors(valid, num_anchors, generator)
+
+
+def _attn_entropy(model) -> torch.Tensor:
+    values = [m.last_entropy for m in model.modules() if getattr(m, "last_entropy", None) is not None]
+    return torch.stack(values).mean() if values else torch.zeros(())
+
+
+def context_loss(
+    f,  # drafter-like callable: Functional(model, fast) or the model itself
+    ids: torch.Tensor,  # (1, C) context tokens
+    features: torch.Tensor,  # (1, C, n·H) context features
+    loss_mask: torch.Tensor,  # (1, C)
+    anchors: torch.Tensor,  # (1, N)
+    anchor_ok: torch.Tensor,  # (1, N)
+    objective: TTTObjective,
+    gamma: float,
+    feature_head: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """The inner (TTT) loss. Everything it reads is passed in: callers pass the context only."""
+    cfg = f.config
+    S = cfg.block_size
+    total = torch.zeros((), device=ids.device, dtype=torch.promote_types(features.dtype, torch.float32))
+    if objective.block or objective.feature or objective.attn_entropy:
+        blocks = make_blocks(ids, anchors, S, cfg.mask_token_id)
+        labels, w = block_targets(ids, loss_mask, anchors, anchor_ok, S, gamma)
+        hidden = f(blocks, anchors, context_features=features)  # (1, N, S, H)
+        if objective.block:
+            total = total + objective.block * decayed_block_ce(hidden, f.logits, labels, w).loss
+        if objective.feature:
+            if feature_head is None:
+                raise ValueError("objective.feature > 0 needs a feature_head")
+            H = hidden.shape[-1]
+            # block position k stands where the target's state at a+k-1 predicts token a+k
+            pos = (anchors[:, :, None] + torch.arange(S - 1, device=ids.device)).clamp(max=ids.shape[1] - 1)
+            want = features[..., -H:].gather(1, pos.flatten(1)[..., None].expand(-1, -1, H)).view(*pos.shape, H)
+            err = (feature_head(hidden[:, :, 1:]) - want.to(hidden.dtype)).pow(2).mean(-1)  # (1, N, S-1)
+            total = total + objective.feature * (err * (w > 0)).sum() / (w > 0).sum().clamp_min(1)
+        if objective.attn_entropy:
+            total = total + objective.attn_entropy * _attn_entropy(f.model if isinstance(f, Functional) else f)
+    if objective.clm:
+        valid = valid_anchor_mask(loss_mask, None, 2)
+        a = valid[0].nonzero().flatten()[None]  # (1, M) every position with a next target token
+        if a.numel():
+            blocks = make_blocks(ids, a, 2, cfg.mask_token_id)
+            labels, w = block_targets(ids, loss_mask, a, torch.ones_like(a, dtype=torch.bool), 2, gamma)
+            hidden = f(blocks, a, context_features=features)
+            total = total + objective.clm * decayed_block_ce(hidden, f.logits, labels, w).loss
+    return total
+
+
+def continuation_loss(f, task: Task, anchors: torch.Tensor, anchor_ok: torch.Tensor, gamma: float) -> BlockLoss:
+    """The outer loss: blocks in the continuation, each seeing all target features before it."""
+    cfg = f.config
+    S = cfg.block_size
+    blocks = make_blocks(task.ids, anchors, S, cfg.mask_token_id)
+    labels, w = block_targets(task.ids, task.loss_mask, anchors, anchor_ok, S, gamma)
+    hidden = f(blocks, anchors, context_features=task.features)
+    return decayed_block_ce(hidden, f.logits, labels, w)
+
+
+def prequential_chunks(anchors: torch.Tensor, anchor_ok: torch.Tensor, context_len: int, steps: int, step: int):
+    """Anchors of the `step`-th of `steps` equal slices of the context (TTT-E2E's prequential order)."""
+    lo, hi = context_len * step // steps, context_len * (step + 1) // steps
+    return anchors, anchor_ok & (anchors >= lo) & (anchors < hi)
+
+
+def ttt_adapt(
+    model: torch.nn.Module,
+    init: ParamDict,
+    prompt_ids: torch.Tensor,  # (1, P)
+    prompt_features: torch.Tensor,  # (1, P, n·H)
+    ttt: TTTConfig,
+    generator: torch.Generator | None = None,
+    feature_head: torch.nn.Module | None = None,
+) -> InnerResult:
+    """Test-time training on a prompt: the meta-training inner loop, from `init`, first order.
+
+    Returns detached adapted weights; `init` is never modified, so every request starts again
+    from the initialization and nothing leaks from one prompt to the next.
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    S = model.config.block_size
+    loss_mask = torch.ones_like(prompt_ids)
+    task = Task(prompt_ids, prompt_features, loss_mask, prompt_ids.shape[1])
+    anchors, ok = context_anchors(task, ttt.num_anchors, S, generator)
+    start = {n: t.detach().clone().requires_grad_(True) for n, t in init.items()}
+    if not ok.any() or ttt.steps == 0:
+        return InnerResult(params={n: t.detach() for n, t in start.items()})
+
+    def loss_fn(params: ParamDict, step: int) -> torch.Tensor:
+        return context_loss(Functional(model, params), prompt_ids, prompt_features, loss_mask, anchors, ok,
+                            ttt.objective, ttt.gamma, feature_head)
+
+    with torch.enable_grad():
+        result = inner_loop(loss_fn, start, ttt.steps, ttt.lr_for(list(start)), ttt.clip, create_graph=False)
+    result.params = {n: t.detach() for n, t in result.params.items()}
+    result.losses = [loss.detach() for loss in result.losses]
+    return result
+
