@@ -22,11 +22,13 @@ from metattt.config import (
     TrainerConfig,
 )
 from metattt.data.datamodule import SequenceDataModule
+from metattt.evaluate import EvalConfig
 from metattt.tiny import TinyTargetConfig
 
 STAGES: dict[str, str] = {
     "distill": "Distill a block drafter from the frozen target; export it to {out}/drafter/.",
     "meta-train": "Meta-train the drafter's LoRA initialization; export a peft adapter to {out}/meta_lora/.",
+    "eval": "Prefill TTT + speculative decoding: τ for static / TTT-zero / TTT-meta; {out}/eval/report.md.",
     "build-target": "Build the tiny CPU target (stdlib corpus, tokenizer, small Qwen3 LM) if missing.",
 }
 
@@ -42,6 +44,7 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(DistillConfig, "distill")
     parser.add_class_arguments(LoraArgs, "lora")
     parser.add_class_arguments(MetaConfig, "meta")
+    parser.add_class_arguments(EvalConfig, "eval")
 
 
 def build_parser() -> ArgumentParser:
@@ -82,6 +85,8 @@ def run_stage(stage: str, r: Namespace) -> None:
     elif stage == "meta-train":
         pipeline.run_meta_train(r.run, r.target, r.drafter, r.lora, _section_dict(r.data), r.trainer, r.distill,
                                 r.meta, tiny_config=r.tiny_target)
+    elif stage == "eval":
+        pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval, tiny_config=r.tiny_target)
     else:  # pragma: no cover - guarded by the parser
         raise ValueError(f"unknown stage {stage}")
 

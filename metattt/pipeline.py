@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -215,3 +216,105 @@ def run_meta_train(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draft
                          global_step=trainer.global_step)
         log.info("meta-learned LoRA init written to %s", out)
     return out
+
+
+def _zero_init_lora(drafter_path: Path, target: FrozenTarget, lora_config, seed: int) -> dict:
+    """peft's fresh LoRA init (A random, B = 0) for the same adapter layout, by parameter name."""
+    from peft import get_peft_model
+
+    fresh = BlockDrafter.from_pretrained(drafter_path).attach_target(target)
+    cfg = lora_config.__class__(**{k: v for k, v in lora_config.to_dict().items() if k in lora_config.__dataclass_fields__})
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = get_peft_model(fresh, cfg)
+    from metattt.models.lora import lora_parameters
+
+    return {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+
+
+def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
+             trainer_cfg: TrainerConfig, cfg, tiny_config=None) -> dict | None:
+    """Evaluate static / TTT-zero / TTT-meta drafters; write {out}/eval/report.{json,md} + plots."""
+    import json
+
+    from torch.utils.data import DataLoader
+
+    from metattt.evaluate import condition_plan, load_prompts
+    from metattt.lit.eval import EvalModule
+    from metattt.losses import default_gamma
+    from metattt.models.lora import add_lora, load_meta_lora, lora_parameters
+    from metattt.ttt.tasks import TTTConfig
+
+    L.seed_everything(run.seed, workers=True)
+    meta_path = Path(cfg.meta_lora_path) if cfg.meta_lora_path else run.out_dir / "meta_lora"
+    has_meta = (meta_path / "adapter_config.json").is_file()
+    drafter_path = Path(cfg.drafter_path) if cfg.drafter_path else None
+    if drafter_path is None:
+        drafter_path = run.out_dir / "drafter"
+        if has_meta:  # the adapter names its base (the meta-trained drafter when update_base was on)
+            base = json.loads((meta_path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            drafter_path = Path(base) if base and (Path(base) / "config.json").is_file() else drafter_path
+    if not (drafter_path / "config.json").is_file():
+        raise FileNotFoundError(f"no drafter at {drafter_path}: run `make distill` (and `make meta-train`) first")
+    conditions = list(cfg.conditions)
+    if not has_meta and any(c in ("ttt_meta", "meta_static") for c in conditions):
+        log.warning("no meta-learned LoRA at %s: skipping conditions ttt_meta/meta_static", meta_path)
+        conditions = [c for c in conditions if c not in ("ttt_meta", "meta_static")]
+        cfg = cfg.__class__(**{**cfg.__dict__, "conditions": conditions})
+
+    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+    tokenizer = load_tokenizer(target_cfg.path)
+    drafter = build_drafter(DrafterArgs(init_from=str(drafter_path)), target, tokenizer)
+    feature_head = None
+    if has_meta:
+        model, ttt, extra = load_meta_lora(drafter, meta_path)
+        if "feature_head.weight" in extra:
+            H = drafter.config.hidden_size
+            feature_head = torch.nn.Linear(H, H, bias=False)
+            feature_head.weight.data.copy_(extra["feature_head.weight"])
+        lora_config = model.peft_config["default"]
+    else:
+        model = add_lora(drafter, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                         target_modules=lora.target_modules, seed=run.seed)
+        ttt, lora_config = TTTConfig(gamma=default_gamma(drafter.config.block_size)), model.peft_config["default"]
+    inits = {"zero": _zero_init_lora(drafter_path, target, lora_config, run.seed)}
+    if has_meta:
+        inits["meta"] = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    if ttt.objective.attn_entropy:
+        from metattt.models.drafter import set_attn_implementation
+
+        set_attn_implementation(model, "eager")
+    plan = condition_plan(cfg, ttt)
+
+    prompts = []
+    for split, files in cfg.splits.items():
+        for ids in load_prompts(files, tokenizer, cfg.prompt_len, cfg.num_prompts, run.seed):
+            prompts.append({"split": split, "uid": len(prompts), "prompt": ids})
+    eos = tokenizer.eos_token_id
+    out_dir = run.out_dir / "eval"
+    meta = {"recipe": run.name, "drafter": str(drafter_path), "meta_lora": str(meta_path) if has_meta else None,
+            "block_size": drafter.config.block_size, "prompt_len": cfg.prompt_len,
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+            "rule": cfg.rule if cfg.temperature > 0 else "greedy", "ttt_steps": ttt.steps if cfg.ttt_steps is None
+            else cfg.ttt_steps, "device": "cpu" if trainer_cfg.accelerator == "cpu" else trainer_cfg.accelerator}
+    module = EvalModule(target, model, plan, inits, cfg, list(cfg.splits), eos, run.seed, out_dir, meta, feature_head)
+    trainer = L.Trainer(
+        default_root_dir=out_dir, logger=TensorBoardLogger(save_dir=str(out_dir), name="tb"),
+        accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy, enable_progress_bar=trainer_cfg.enable_progress_bar,
+        inference_mode=False,  # prefill TTT takes gradients
+        use_distributed_sampler=False,  # prompts are sharded below: no padding duplicates
+        enable_model_summary=False,
+    )
+
+    class _Shard(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(range(trainer.global_rank, len(prompts), trainer.world_size))
+
+        def __getitem__(self, i: int) -> dict:
+            return prompts[trainer.global_rank + i * trainer.world_size]
+
+    trainer.test(module, dataloaders=DataLoader(_Shard(), batch_size=None))
+    if trainer.is_global_zero:
+        log.info("evaluation report written to %s", out_dir / "report.md")
+    return module.summary

@@ -1,0 +1,307 @@
+"""Evaluation as plain functions: prompts, conditions (static / TTT-zero / TTT-meta), τ, report.
+
+For every prompt the target prefills, the drafter's LoRA is (optionally) adapted on the
+prompt's target features, then speculative decoding runs with target verification. Each
+condition starts again from its own initialization, so nothing leaks between prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metattt.models.lora import lora_parameters
+from metattt.spec.decode import speculative_generate, target_generate
+from metattt.spec.metrics import mean_and_stderr, summarize_tau
+from metattt.ttt.inner import ParamDict
+from metattt.ttt.tasks import TTTConfig, ttt_adapt
+from metattt.utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("metattt")
+
+CONDITIONS = ("target", "static", "meta_static", "ttt_zero", "ttt_meta")
+CONDITION_HELP = {
+    "target": "target-only decoding (the speed baseline)",
+    "static": "drafter without LoRA",
+    "meta_static": "drafter with the meta-learned LoRA init, no TTT",
+    "ttt_zero": "TTT on the prompt from peft's zero init (B = 0)",
+    "ttt_meta": "TTT on the prompt from the meta-learned init",
+}
+
+
+@dataclass
+class EvalConfig:
+    """Stage 3: prefill TTT + speculative decoding + τ."""
+
+    splits: dict[str, str] = field(default_factory=lambda: {
+        "in_domain": "checkpoints/tiny/corpus/validation.jsonl",
+        "shifted": "checkpoints/tiny/corpus/shifted.jsonl",
+    })
+    """Split name -> data file(s) (jsonl/parquet/txt; text or chat records)."""
+    num_prompts: int = 16
+    """Prompts per split."""
+    prompt_len: int = 128
+    """Prompt tokens (a window of each record, at a seeded offset)."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt."""
+    conditions: list[str] = field(default_factory=lambda: ["target", "static", "ttt_zero", "ttt_meta"])
+    """Any of: target, static, meta_static, ttt_zero, ttt_meta."""
+    temperature: float = 0.0
+    """0: greedy; > 0: sampling (lossless with either rule)."""
+    top_p: float = 1.0
+    """Nucleus filter applied identically to target and drafter."""
+    rule: str = "speculative"
+    """Sampling acceptance rule: exact (DFlash: match the target's own sample) or speculative (min(1, p/q))."""
+    ttt_steps: int | None = None
+    """TTT steps; None: what meta-training exported (ttt_config.json)."""
+    ttt_lr: float | None = None
+    """TTT inner lr; None: exported (learned lrs are used when present)."""
+    grid_steps: list[int] | None = None
+    """Optional grid over TTT steps (adds conditions ttt_*@steps=k)."""
+    grid_lrs: list[float] | None = None
+    """Optional grid over inner lrs (adds conditions ttt_*@lr=x)."""
+    drafter_path: str | None = None
+    """Drafter folder; None: {out}/drafter (or meta_drafter when meta-training updated the base)."""
+    meta_lora_path: str | None = None
+    """Meta-learned adapter; None: {out}/meta_lora."""
+
+
+# --- prompts --------------------------------------------------------------------------------
+def load_prompts(files: str | list[str], tokenizer, prompt_len: int, num_prompts: int, seed: int) -> list[list[int]]:
+    """`num_prompts` windows of `prompt_len` tokens from records long enough to hold one."""
+    from metattt.data.text import load_records, tokenize_dataset
+
+    ds = load_records(files)
+    ds = tokenize_dataset(ds, tokenizer, max_length=1 << 30, pack=False)
+    long_enough = [i for i, n in enumerate(ds["input_ids"]) if len(n) > prompt_len]
+    if not long_enough:
+        raise ValueError(f"no record in {files} is longer than eval.prompt_len={prompt_len} tokens")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(long_enough), generator=g).tolist()
+    prompts = []
+    for j in order[:num_prompts]:
+        ids = ds[long_enough[j]]["input_ids"]
+        start = int(torch.randint(0, len(ids) - prompt_len, (1,), generator=g))
+        prompts.append(ids[start : start + prompt_len])
+    if len(prompts) < num_prompts:
+        log.warning("only %d prompts of %d tokens in %s (asked for %d)", len(prompts), prompt_len, files, num_prompts)
+    return prompts
+
+
+# --- one prompt, every condition --------------------------------------------------------------
+def _set_lora(model, params: ParamDict | None) -> None:
+    with torch.no_grad():
+        for name, p in lora_parameters(model).items():
+            p.copy_(params[name])
+
+
+def condition_plan(cfg: EvalConfig, base_ttt: TTTConfig) -> list[tuple[str, TTTConfig | None]]:
+    """(condition label, TTT settings or None) for every condition and grid point."""
+    ttt = TTTConfig(**{**base_ttt.__dict__})
+    if cfg.ttt_steps is not None:
+        ttt.steps = cfg.ttt_steps
+    if cfg.ttt_lr is not None:
+        ttt.lr, ttt.learned_lrs = cfg.ttt_lr, None
+    plan: list[tuple[str, TTTConfig | None]] = []
+    for cond in cfg.conditions:
+        if cond not in CONDITIONS:
+            raise ValueError(f"unknown eval condition {cond!r}; choose from {CONDITIONS}")
+        if not cond.startswith("ttt_"):
+            plan.append((cond, None))
+            continue
+        plan.append((cond, ttt))
+        for k in cfg.grid_steps or []:
+            plan.append((f"{cond}@steps={k}", TTTConfig(**{**ttt.__dict__, "steps": k})))
+        for lr in cfg.grid_lrs or []:
+            plan.append((f"{cond}@lr={lr:g}", TTTConfig(**{**ttt.__dict__, "lr": lr, "learned_lrs": None})))
+    return plan
+
+
+def evaluate_prompt(
+    target,
+    model,  # peft-wrapped drafter
+    prompt: list[int],
+    plan: list[tuple[str, TTTConfig | None]],
+    inits: dict[str, ParamDict],  # "zero" / "meta" -> LoRA tensors
+    cfg: EvalConfig,
+    eos_token_id,
+    seed: int,
+    feature_head=None,
+) -> list[dict]:
+    """Run every condition on one prompt; returns one record per condition."""
+    device = next(target.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    gen = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_token_id, temperature=cfg.temperature,
+               top_p=cfg.top_p)
+    records = []
+    reference = None
+    for label, ttt in plan:
+        cond = label.split("@")[0]
+        g = torch.Generator(device="cpu").manual_seed(seed)  # same draws for every condition
+        if cond == "target":
+            res = target_generate(target, ids, generator=g, **gen)
+            reference = res.tokens
+            records.append(dict(condition=label, tokens=res.tokens, wall_time=res.wall_time,
+                                prefill_time=res.prefill_time, accepted=[], ttt_time=0.0))
+            continue
+        ttt_time = 0.0
+        ttt_losses: list[float] = []
+        if cond == "static":
+            with model.disable_adapter():
+                res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, **gen)
+        else:
+            init = inits["meta" if cond in ("meta_static", "ttt_meta") else "zero"]
+            params = init
+            if ttt is not None:
+                # prefill TTT: adapt on the prompt's target features (a separate forward here, so the
+                # TTT cost is measured on its own; serving reuses the prefill's features)
+                features = target(ids, return_logits=False).features
+                t0 = time.perf_counter()
+                out = ttt_adapt(model, init, ids, features, ttt, torch.Generator().manual_seed(seed), feature_head)
+                ttt_time = time.perf_counter() - t0
+                params, ttt_losses = out.params, [x.item() for x in out.losses]
+            _set_lora(model, params)
+            res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, **gen)
+        records.append(dict(
+            condition=label, tokens=res.tokens, wall_time=res.wall_time + ttt_time, prefill_time=res.prefill_time,
+            accepted=res.accepted, position_accepted=res.position_accepted,
+            position_reached=res.position_reached, ttt_time=ttt_time, ttt_losses=ttt_losses,
+            lossless=(res.tokens == reference) if (reference is not None and cfg.temperature == 0) else None,
+        ))
+    return records
+
+
+# --- summary & report -------------------------------------------------------------------------
+def distinct_n(tokens: list[int], n: int) -> float:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def summarize(records: list[dict]) -> dict:
+    """records: flat list with `split`, `prompt`, `condition`, ... -> per split × condition stats."""
+    out: dict[str, dict] = {}
+    for split in sorted({r["split"] for r in records}):
+        rows = [r for r in records if r["split"] == split]
+        base = {r["prompt"]: r for r in rows if r["condition"] == "target"}
+        split_out: dict[str, dict] = {}
+        for cond in dict.fromkeys(r["condition"] for r in rows):
+            rs = [r for r in rows if r["condition"] == cond]
+            n_tok = sum(len(r["tokens"]) for r in rs)
+            wall = sum(r["wall_time"] for r in rs)
+            s: dict = {"n": len(rs), "tokens_per_s": n_tok / wall if wall > 0 else float("nan")}
+            if cond == "target":
+                s["distinct_2"], _ = mean_and_stderr(distinct_n(r["tokens"], 2) for r in rs)
+                s["distinct_4"], _ = mean_and_stderr(distinct_n(r["tokens"], 4) for r in rs)
+            else:
+                s.update(summarize_tau(r["accepted"] for r in rs))
+                S1 = len(rs[0]["position_accepted"])
+                acc = [sum(r["position_accepted"][k] for r in rs) for k in range(S1)]
+                reach = [sum(r["position_reached"][k] for r in rs) for k in range(S1)]
+                steps = sum(len(r["accepted"]) for r in rs)
+                s["acceptance_by_position"] = [a / steps if steps else float("nan") for a in acc]
+                s["conditional_acceptance_by_position"] = [a / m if m else float("nan") for a, m in zip(acc, reach)]
+                paired = [(base[r["prompt"]]["wall_time"], r["wall_time"]) for r in rs if r["prompt"] in base]
+                if paired:
+                    s["speedup"] = sum(t for t, _ in paired) / sum(c for _, c in paired)
+                    s["speedup_over_tau"] = s["speedup"] / s["tau"] if s["tau"] == s["tau"] else float("nan")
+                ttt = [r["ttt_time"] / r["prefill_time"] for r in rs if r["ttt_time"] > 0 and r["prefill_time"] > 0]
+                if ttt:
+                    s["ttt_over_prefill"], _ = mean_and_stderr(ttt)
+                checks = [r["lossless"] for r in rs if r.get("lossless") is not None]
+                if checks:
+                    s["lossless"] = all(checks)
+            split_out[cond] = s
+        out[split] = split_out
+    return out
+
+
+def _fmt(x, spec=".2f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown_report(summary: dict, meta: dict) -> str:
+    lines = ["# metattt evaluation", ""]
+    for k, v in meta.items():
+        lines.append(f"- **{k}**: {v}")
+    lines += ["", "| split | condition | τ | ± s.e. | n | speedup | speedup/τ | TTT/prefill | tok/s | lossless |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for split, conds in summary.items():
+        for cond, s in conds.items():
+            lines.append(
+                f"| {split} | {cond} | {_fmt(s.get('tau'))} | {_fmt(s.get('tau_stderr'))} | {s['n']} | "
+                f"{_fmt(s.get('speedup'))} | {_fmt(s.get('speedup_over_tau'))} | {_fmt(s.get('ttt_over_prefill'))} | "
+                f"{_fmt(s.get('tokens_per_s'), '.1f')} | {'' if s.get('lossless') is None else s['lossless']} |")
+    lines += ["", "Target quality beside τ (target-only greedy continuations):", "",
+              "| split | distinct-2 | distinct-4 |", "|---|---|---|"]
+    for split, conds in summary.items():
+        t = conds.get("target", {})
+        lines.append(f"| {split} | {_fmt(t.get('distinct_2'))} | {_fmt(t.get('distinct_4'))} |")
+    lines += ["", "τ = accepted drafts + 1 per verification step, mean over steps per prompt, then over prompts.",
+              "Speedup = target-only wall time / condition wall time (TTT included) on the same prompts, same run."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(summary: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    splits = list(summary)
+    conds = [c for c in dict.fromkeys(c for s in summary.values() for c in s) if c != "target"]
+    if not conds:
+        return paths
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(conds) * len(splits) / 2, 3.5))
+    width = 0.8 / len(splits)
+    for i, split in enumerate(splits):
+        taus = [summary[split].get(c, {}).get("tau", float("nan")) for c in conds]
+        errs = [summary[split].get(c, {}).get("tau_stderr", 0.0) for c in conds]
+        errs = [0.0 if e != e else e for e in errs]
+        ax.bar([j + i * width for j in range(len(conds))], taus, width, yerr=errs, capsize=3, label=split)
+    ax.set_xticks([j + width * (len(splits) - 1) / 2 for j in range(len(conds))], conds, rotation=20)
+    ax.set_ylabel("acceptance length τ")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "tau_by_condition.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for c in conds:
+            rates = summary[split].get(c, {}).get("acceptance_by_position")
+            if rates:
+                ax.plot(range(1, len(rates) + 1), rates, marker="o", label=c)
+        ax.set_title(split)
+        ax.set_xlabel("block position k")
+        ax.set_ylabel("P(draft k accepted)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "acceptance_by_position.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(records: list[dict], out_dir: Path, meta: dict) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    atomic_write_json(out_dir / "report.json", {"meta": meta, "summary": summary,
+                                                "records": [{k: v for k, v in r.items() if k != "tokens"} | {
+                                                    "num_tokens": len(r["tokens"])} for r in records]})
+    atomic_write_text(out_dir / "report.md", markdown_report(summary, meta))
+    plot_report(summary, out_dir)
+    return summary
+
+
+def load_summary(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / "report.json").read_text())["summary"]

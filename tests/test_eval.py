@@ -1,0 +1,85 @@
+"""Evaluation stage: conditions, report, no leakage between requests."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import recipe_args
+
+from metattt.cli import main
+from metattt.evaluate import EvalConfig, condition_plan, evaluate_prompt
+from metattt.models.lora import add_lora, lora_parameters
+from metattt.ttt.tasks import TTTConfig
+
+
+def _eval_args(workspace, tmp_path, *extra):
+    return recipe_args(
+        workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=2", "--meta.max_steps=1",
+        "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4", "--meta.outer_anchors=4",
+        "--meta.inner_steps=2", "--meta.val_check_interval=1",
+        f"--eval.splits={{in_domain: {workspace / 'corpus' / 'validation.jsonl'}, "
+        f"shifted: {workspace / 'corpus' / 'train.jsonl'}}}",
+        "--eval.num_prompts=2", "--eval.prompt_len=20", "--eval.max_new_tokens=10",
+        "--eval.conditions=[target, static, meta_static, ttt_zero, ttt_meta]", "--eval.grid_steps=[1]",
+        *extra,
+    )
+
+
+def test_eval_stage_writes_report_with_every_condition(workspace, tmp_path):
+    args = _eval_args(workspace, tmp_path)
+    main(["meta-train", *args])
+    main(["eval", *args])
+    out = tmp_path / "t" / "eval"
+    report = json.loads((out / "report.json").read_text())
+    summary = report["summary"]
+    assert set(summary) == {"in_domain", "shifted"}
+    for split, conds in summary.items():
+        assert set(conds) == {"target", "static", "meta_static", "ttt_zero", "ttt_meta",
+                              "ttt_zero@steps=1", "ttt_meta@steps=1"}, split
+        for name, s in conds.items():
+            assert s["n"] == 2
+            if name == "target":
+                assert 0 < s["distinct_2"] <= 1
+                continue
+            assert 1.0 <= s["tau"] <= 4.0, (split, name, s["tau"])
+            assert s["lossless"] is True, (split, name)
+            assert len(s["acceptance_by_position"]) == 3
+            assert s["speedup"] > 0
+            if name.startswith("ttt_"):
+                assert s["ttt_over_prefill"] > 0
+    md = (out / "report.md").read_text()
+    assert "| shifted | ttt_meta |" in md and "distinct-2" in md
+    assert (out / "tau_by_condition.png").stat().st_size > 1000
+    assert (out / "acceptance_by_position.png").stat().st_size > 1000
+    assert any((out / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_no_leakage_across_requests(tiny_target, tiny_drafter):
+    model = add_lora(tiny_drafter, r=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.normal_(0, 0.05)
+    meta = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    zero = {n: torch.zeros_like(p) if "lora_B" in n else p.detach().clone() for n, p in meta.items()}
+    cfg = EvalConfig(conditions=["target", "static", "ttt_zero", "ttt_meta"], max_new_tokens=12)
+    plan = condition_plan(cfg, TTTConfig(steps=3, lr=0.5, num_anchors=8, gamma=2.0))
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(2, 96, (20,), generator=g).tolist()
+    b = torch.randint(2, 96, (20,), generator=g).tolist()
+
+    def run(prompt, seed):
+        return evaluate_prompt(tiny_target, model, prompt, plan, {"zero": zero, "meta": meta}, cfg, None, seed)
+
+    alone = run(b, seed=7)
+    run(a, seed=3)
+    after_a = run(b, seed=7)
+    for x, y in zip(alone, after_a):
+        assert x["condition"] == y["condition"]
+        assert x["tokens"] == y["tokens"] and x["accepted"] == y["accepted"]
+        assert x.get("ttt_losses") == y.get("ttt_losses")
+    # the initializations were not touched by adaptation
+    for n, p in meta.items():
+        assert torch.equal(p, meta[n])
+    ttt = [r for r in alone if r["condition"] == "ttt_meta"][0]
+    assert len(ttt["ttt_losses"]) == 3 and ttt["ttt_losses"][-1] < ttt["ttt_losses"][0]
