@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 CONFIG := recipes/$(RECIPE).yaml
 ARGS ?=
 
-.PHONY: setup run test lint target distill bench clean-tiny help
+.PHONY: setup run test lint target distill meta-train eval bench clean-tiny help
 
 help:
 	@echo "make setup            virtualenv + CPU torch 2.13.0 + metattt (editable, with dev tools)"
 	@echo "make run              the whole pipeline for RECIPE (default: tiny, on the CPU)"
 	@echo "make target           build the tiny target (stdlib corpus, tokenizer, LM), once"
 	@echo "make distill          distill the drafter -> checkpoints/RECIPE/drafter/"
+	@echo "make meta-train       meta-learn the LoRA init -> checkpoints/RECIPE/meta_lora/ (distills first if needed)"
+	@echo "make eval             prefill TTT + speculative decoding -> checkpoints/RECIPE/eval/report.md"
 	@echo "make test             the test suite (CPU)"
 	@echo "make lint             ruff"
 	@echo "RECIPE=qwen3_4b ARGS='--trainer.devices=8' make distill   (any recipe, any override)"
@@ -25,13 +27,19 @@ setup: $(PY)
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
 
-run: distill
+run: distill meta-train eval
 
 target:
 	$(PY) -m metattt build-target --config $(CONFIG) $(ARGS)
 
 distill:
 	$(PY) -m metattt distill --config $(CONFIG) $(ARGS)
+
+meta-train:
+	$(PY) -m metattt meta-train --config $(CONFIG) $(ARGS)
+
+eval:
+	$(PY) -m metattt eval --config $(CONFIG) $(ARGS)
 
 test:
 	$(PY) -m pytest -q -ra $(ARGS)

@@ -17,7 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _cpu_float32():
     torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # one thread: tiny models gain nothing from more, and oversubscribed cores slow them ~8x
+    torch.set_num_threads(1)
     yield
 
 

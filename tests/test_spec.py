@@ -409,6 +409,7 @@ def test_top_p_filter_keeps_smallest_set_reaching_top_p():
 # --- metrics ------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")  # compute() before update(): NaN
 def test_acceptance_length_metric_and_merging():
     steps_a, steps_b = [0, 3, 1, 2], [3, 3, 0]
     m = AcceptanceLength()
