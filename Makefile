@@ -5,15 +5,18 @@ PY := $(VENV)/bin/python
 CONFIG := recipes/$(RECIPE).yaml
 ARGS ?=
 
-.PHONY: setup run test lint target distill meta-train eval bench clean-tiny help
+.PHONY: setup run test lint target prepare distill meta-train eval guided-eval bench clean-tiny help
 
 help:
 	@echo "make setup            virtualenv + CPU torch 2.13.0 + metattt (editable, with dev tools)"
 	@echo "make run              the whole pipeline for RECIPE (default: tiny, on the CPU)"
 	@echo "make target           build the tiny target (stdlib corpus, tokenizer, LM), once"
+	@echo "make prepare          chat data -> tokenized (optionally target-regenerated) Arrow -> checkpoints/RECIPE/data/"
 	@echo "make distill          distill the drafter -> checkpoints/RECIPE/drafter/"
 	@echo "make meta-train       meta-learn the LoRA init -> checkpoints/RECIPE/meta_lora/ (distills first if needed)"
 	@echo "make eval             prefill TTT + speculative decoding -> checkpoints/RECIPE/eval/report.md"
+	@echo "make guided-eval      draft-guided decoding on context-learning tasks -> checkpoints/RECIPE/guided/report.md"
+	@echo "make bench            cost ratios + τ table -> bench/results.json and README Results"
 	@echo "make test             the test suite (CPU)"
 	@echo "make lint             ruff"
 	@echo "RECIPE=qwen3_4b ARGS='--trainer.devices=8' make distill   (any recipe, any override)"
@@ -32,6 +35,9 @@ run: distill meta-train eval
 target:
 	$(PY) -m metattt build-target --config $(CONFIG) $(ARGS)
 
+prepare:
+	$(PY) -m metattt prepare --config $(CONFIG) $(ARGS)
+
 distill:
 	$(PY) -m metattt distill --config $(CONFIG) $(ARGS)
 
@@ -40,6 +46,14 @@ meta-train:
 
 eval:
 	$(PY) -m metattt eval --config $(CONFIG) $(ARGS)
+
+guided-eval:
+	$(PY) -m metattt guided-eval --config $(CONFIG) $(ARGS)
+
+bench:
+	$(PY) -m metattt.bench --config $(CONFIG) $(ARGS)
+	@if [ -f checkpoints/$(RECIPE)/eval/tau_by_condition.png ]; then cp checkpoints/$(RECIPE)/eval/tau_by_condition.png bench/; fi
+	$(PY) scripts/readme_results.py
 
 test:
 	$(PY) -m pytest -q -ra $(ARGS)

@@ -17,18 +17,23 @@ from metattt.config import (
     DrafterArgs,
     LoraArgs,
     MetaConfig,
+    PrepareConfig,
     RunConfig,
     TargetConfig,
     TrainerConfig,
 )
 from metattt.data.datamodule import SequenceDataModule
 from metattt.evaluate import EvalConfig
+from metattt.guided import GuidedEvalConfig
 from metattt.tiny import TinyTargetConfig
 
 STAGES: dict[str, str] = {
     "distill": "Distill a block drafter from the frozen target; export it to {out}/drafter/.",
     "meta-train": "Meta-train the drafter's LoRA initialization; export a peft adapter to {out}/meta_lora/.",
     "eval": "Prefill TTT + speculative decoding: τ for static / TTT-zero / TTT-meta; {out}/eval/report.md.",
+    "prepare": "Chat data -> target-regenerated, tokenized Arrow folders in {out}/data/ (+ the hidden-state cache).",
+    "guided-eval": "Draft-guided decoding on context-learning tasks (α × TTT × temperature, null control); "
+                   "{out}/guided/report.md.",
     "build-target": "Build the tiny CPU target (stdlib corpus, tokenizer, small Qwen3 LM) if missing.",
 }
 
@@ -44,7 +49,9 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(DistillConfig, "distill")
     parser.add_class_arguments(LoraArgs, "lora")
     parser.add_class_arguments(MetaConfig, "meta")
+    parser.add_class_arguments(PrepareConfig, "prepare")
     parser.add_class_arguments(EvalConfig, "eval")
+    parser.add_class_arguments(GuidedEvalConfig, "guided")
 
 
 def build_parser() -> ArgumentParser:
@@ -87,6 +94,10 @@ def run_stage(stage: str, r: Namespace) -> None:
                                 r.meta, tiny_config=r.tiny_target)
     elif stage == "eval":
         pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval, tiny_config=r.tiny_target)
+    elif stage == "prepare":
+        pipeline.run_prepare(r.run, r.target, r.drafter, _section_dict(r.data), r.prepare, tiny_config=r.tiny_target)
+    elif stage == "guided-eval":
+        pipeline.run_guided_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.guided, tiny_config=r.tiny_target)
     else:  # pragma: no cover - guarded by the parser
         raise ValueError(f"unknown stage {stage}")
 

@@ -45,14 +45,18 @@ class TargetConfig:
 
 @dataclass
 class DrafterArgs:
-    """The block drafter. Unset dimensions follow the target (as published DFlash drafters do)."""
+    """The drafter. Unset dimensions follow the target (as published DFlash drafters do)."""
 
+    kind: str = "block"
+    """block (DFlash-style: one forward drafts a block) or autoregressive (metattt.models.ar_drafter:
+    one token per forward, cross-attention over the target features; block_size - 1 drafts per step).
+    Ignored with init_from: the folder's config.json (`architectures`) decides."""
     init_from: str | None = None
-    """A drafter folder in DFlash layout (config.json + safetensors) to start from, e.g. a released one."""
+    """A drafter folder to start from: DFlash layout (e.g. a released one) or an autoregressive drafter."""
     num_hidden_layers: int = 5
     """Drafter decoder layers (also the number of tapped target layers by default)."""
     block_size: int = 16
-    """Tokens per block: the anchor + block_size-1 drafts."""
+    """Tokens per block: the anchor + block_size-1 drafts (for both kinds: what one verification checks)."""
     intermediate_size: int | None = None
     """MLP width; None: the target's."""
     num_attention_heads: int | None = None
@@ -62,7 +66,7 @@ class DrafterArgs:
     head_dim: int | None = None
     """None: the target's."""
     mask_token: str = "<|mask|>"
-    """Token the blocks are filled with; must exist in the target's tokenizer."""
+    """Token the blocks are filled with; must exist in the target's tokenizer (block kind only)."""
     attn_implementation: str = "sdpa"
     """sdpa or eager (meta-training with second-order gradients switches to eager itself)."""
 
@@ -130,7 +134,8 @@ class LoraArgs:
     dropout: float = 0.0
     """LoRA dropout (keep 0: the inner loop should be deterministic)."""
     target_modules: list[str] | None = None
-    """Module names that carry LoRA; None: fc, q_proj, k_proj, v_proj."""
+    """Module names that carry LoRA; None: the drafter kind's default (block: fc, q_proj, k_proj, v_proj;
+    autoregressive: cross_q_proj, gate_proj, up_proj, down_proj)."""
 
 
 @dataclass
@@ -193,3 +198,67 @@ class MetaConfig:
     """Write last.ckpt every N outer steps."""
     drafter_path: str | None = None
     """Drafter to meta-train (DFlash layout); None: {out}/drafter, distilled first if missing."""
+
+
+@dataclass
+class PrepareConfig:
+    """`python -m metattt prepare`: chat data → (optionally target-regenerated) → tokenized Arrow
+    folders that `data.train_files` / `data.val_files` read; optionally the hidden-state cache."""
+
+    train_files: str | list[str] | None = None
+    """Raw chat records: jsonl/json/parquet files, globs, folders (or a hub dataset where a network exists).
+    `messages` (role/content), ShareGPT `conversations` (from/value), UltraChat `data` (alternating
+    user/assistant strings) or `prompt` + `response`. None: nothing to prepare (only the feature cache)."""
+    val_files: str | list[str] | None = None
+    """Raw validation records, same forms; None: no validation folder is written."""
+    output_dir: str | None = None
+    """Where the prepared `train/` and `validation/` Arrow folders go; None: {out}/data."""
+    max_records: int | None = None
+    """Keep only the first N records of each source (smoke runs)."""
+    max_val_records: int | None = None
+    """Keep only the first N records of each validation source (regenerating a whole test set is costly)."""
+    enable_thinking: bool | None = None
+    """Qwen3: passed to the chat template as `enable_thinking`. false: the empty `<think></think>`
+    block is part of the prompt (not trained), answers only; true: the think block is the
+    assistant's (trained). None: not passed (the template's default; Qwen3's is thinking on)."""
+    shard_size: int = 1000
+    """Records per shard: finished shards are kept on disk and skipped when a run is repeated."""
+    overwrite: bool = False
+    """Rebuild even if the output exists with different settings (otherwise that is an error)."""
+    regenerate: str = "none"
+    """Rewrite assistant turns with the target's own outputs: none, transformers (batched
+    `generate` on the local target) or endpoint (an OpenAI-compatible server: vLLM, SGLang)."""
+    regenerate_turns: str = "all"
+    """all: every assistant turn, in order, each conditioned on the regenerated history; last:
+    only the final one (the history is kept from the data)."""
+    max_new_tokens: int = 2048
+    """Longest regenerated turn; a turn that hits it is 'truncated' (see drop_truncated)."""
+    temperature: float = 0.0
+    """Sampling temperature of regeneration (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling of regeneration."""
+    drop_truncated: bool = True
+    """Skip conversations whose regenerated turn hit max_new_tokens (counted in the summary)."""
+    generate_batch_size: int = 16
+    """Prompts per `generate` call (transformers backend; left-padded)."""
+    endpoint_url: str = "http://127.0.0.1:30000/v1"
+    """Base URL of the OpenAI-compatible server (POST {url}/chat/completions)."""
+    endpoint_model: str | None = None
+    """Model name the server serves; None: the first one {url}/models lists."""
+    endpoint_concurrency: int = 32
+    """Requests in flight at once (a thread pool)."""
+    endpoint_timeout_s: float = 600.0
+    """Timeout of one request."""
+    endpoint_retries: int = 3
+    """Retries of a failed request (connection errors, 429, 5xx), with exponential back-off."""
+    api_key_env: str | None = None
+    """Name of an environment variable holding the server's API key (sent as a Bearer token)."""
+    cache_features: bool = False
+    """Also write the offline hidden-state cache of the `data` section's sequences to
+    `data.feature_cache` (set that key; training then reads features instead of running the target)."""
+    cache_dtype: str = "bfloat16"
+    """dtype of the cached features (bfloat16 matches a bf16 target exactly; float32 for fp32 targets)."""
+    cache_batch_size: int = 4
+    """Sequences per target forward while writing the cache."""
+    cache_shard_mb: int = 4096
+    """Approximate size of one feature-cache shard file (MB)."""

@@ -143,7 +143,7 @@ def evaluate_prompt(
     reference = None
     for label, ttt in plan:
         cond = label.split("@")[0]
-        g = torch.Generator(device="cpu").manual_seed(seed)  # same draws for every condition
+        g = torch.Generator(device=device).manual_seed(seed)  # same draws for every condition
         if cond == "target":
             res = target_generate(target, ids, generator=g, **gen)
             reference = res.tokens

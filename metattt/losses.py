@@ -5,6 +5,10 @@ Conventions: a sequence has T tokens; an anchor at position a opens the block
 `[x_a, MASK × (S-1)]`; block position k (1 ≤ k < S) predicts token x_{a+k} from the target
 features of positions < a. Anchors are sampled only where the whole block fits inside the
 real tokens and the first predicted token is a training target (loss mask).
+
+Both drafter kinds score the same drafts against the same labels: `draft_hidden` gives the hidden
+state behind the drafts of x_{a+1}..x_{a+S-1} for either kind (the autoregressive drafter is
+teacher-forced, see metattt.models.ar_drafter), and `decayed_draft_ce` scores them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from metattt.models.ar_drafter import drafter_kind
 
 
 def default_gamma(block_size: int) -> float:
@@ -109,18 +115,29 @@ class BlockLoss:
 
 
 def decayed_block_ce(
-    hidden: torch.Tensor,  # (B, N, S, H) drafter output after final norm
+    hidden: torch.Tensor,  # (B, N, S, H) block drafter output after final norm
     lm_head,  # callable H -> V
     labels: torch.Tensor,  # (B, N, S-1)
     weights: torch.Tensor,  # (B, N, S-1)
     chunk_size: int = 4096,
 ) -> BlockLoss:
-    """Σ w·CE / Σ w over block positions 1..S-1, computing logits in chunks.
+    """Σ w·CE / Σ w over block positions 1..S-1 (position 0, the anchor, drafts nothing)."""
+    return decayed_draft_ce(hidden[:, :, 1:], lm_head, labels, weights, chunk_size)
+
+
+def decayed_draft_ce(
+    hidden: torch.Tensor,  # (B, N, S-1, H) hidden state behind each draft, aligned with labels
+    lm_head,  # callable H -> V
+    labels: torch.Tensor,  # (B, N, S-1)
+    weights: torch.Tensor,  # (B, N, S-1)
+    chunk_size: int = 4096,
+) -> BlockLoss:
+    """Σ w·CE / Σ w over the drafts of every block, computing logits in chunks.
 
     At real vocab sizes the logits dominate memory; chunking bounds the live fp32 logits to
     `chunk_size` positions at a time (each chunk is still part of the autograd graph).
     """
-    h = hidden[:, :, 1:].reshape(-1, hidden.shape[-1])  # (M, H)
+    h = hidden.reshape(-1, hidden.shape[-1])  # (M, H)
     y = labels.reshape(-1)
     w = weights.reshape(-1)
     keep = w > 0  # only supervised positions get logits
@@ -133,6 +150,8 @@ def decayed_block_ce(
         ce = F.cross_entropy(logits, y[start : start + chunk_size], reduction="none")
         total = total + (ce * w_kept[start : start + chunk_size]).sum()
         correct_kept[start : start + chunk_size] = logits.detach().argmax(-1) == y[start : start + chunk_size]
+    if h.shape[0] == 0:  # no supervised position in this batch: a zero loss that still has a graph
+        total = hidden.sum().to(acc_dtype) * 0.0
     denom = w.sum().clamp_min(1e-8)
     correct = torch.zeros_like(labels, dtype=torch.bool).reshape(-1)
     correct[keep] = correct_kept
@@ -151,8 +170,35 @@ def expected_acceptance_length(correct: torch.Tensor, ok: torch.Tensor) -> torch
     return 1.0 + prefix[has].mean()
 
 
+def draft_hidden(
+    drafter,  # either kind, its peft wrapper, or a functional_call wrapper
+    input_ids: torch.Tensor,  # (B, T)
+    anchors: torch.Tensor,  # (B, N)
+    block_size: int,
+    mask_token_id: int,
+    context_features: torch.Tensor,  # (B, C, n·H)
+    context_valid: torch.Tensor | None = None,  # (B, C) bool
+) -> torch.Tensor:
+    """The hidden state behind each draft: (B, N, S-1, H), entry k-1 drafting x_{a+k} (k = 1..S-1).
+
+    block:          one forward of [x_a, MASK × (S-1)]; its outputs at block positions 1..S-1.
+    autoregressive: teacher forcing, the chain [x_a, ..., x_{a+S-2}] at positions a..a+S-2 (chain
+                    output j predicts x_{a+j+1}), every chain position seeing features < a, which
+                    is exactly what incremental drafting from the committed token x_a computes.
+    Either way the drafts of a block read only target features of positions before its anchor.
+    """
+    if drafter_kind(drafter) == "autoregressive":
+        T = input_ids.shape[1]
+        pos = (anchors[:, :, None] + torch.arange(block_size - 1, device=anchors.device)).clamp(max=T - 1)
+        chain = input_ids.gather(1, pos.flatten(1)).view_as(pos)  # (B, N, S-1): true tokens x_a..x_{a+S-2}
+        return drafter(chain, anchors, context_features=context_features, context_valid=context_valid)
+    blocks = make_blocks(input_ids, anchors, block_size, mask_token_id)  # (B, N, S)
+    hidden = drafter(blocks, anchors, context_features=context_features, context_valid=context_valid)
+    return hidden[:, :, 1:]
+
+
 def block_prediction_loss(
-    drafter,  # BlockDrafter (or a functional_call wrapper with the same signature)
+    drafter,  # either drafter kind (or a functional_call wrapper with the same signature)
     features: torch.Tensor,  # (B, T, n·H) target features of the visible positions
     input_ids: torch.Tensor,  # (B, T)
     attention_mask: torch.Tensor | None,  # (B, T)
@@ -168,8 +214,7 @@ def block_prediction_loss(
     Callers decide what the drafter may see by what they pass: the meta inner loss passes the
     context prefix only, so no continuation token or feature can reach it.
     """
-    blocks = make_blocks(input_ids, anchors, block_size, mask_token_id)  # (B, N, S)
     labels, weights = block_targets(input_ids, loss_mask, anchors, anchor_ok, block_size, gamma)
     valid = attention_mask.bool() if attention_mask is not None else None
-    hidden = drafter(blocks, anchors, context_features=features, context_valid=valid)  # (B, N, S, H)
-    return decayed_block_ce(hidden, drafter.logits, labels, weights)
+    hidden = draft_hidden(drafter, input_ids, anchors, block_size, mask_token_id, features, valid)  # (B, N, S-1, H)
+    return decayed_draft_ce(hidden, drafter.logits, labels, weights)

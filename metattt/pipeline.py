@@ -11,7 +11,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from metattt.checkpointing import AtomicCheckpointIO, find_resumable_checkpoint
+from metattt.checkpointing import (
+    AtomicCheckpointIO,
+    DataPosition,
+    PreemptionCheckpoint,
+    StepSeeder,
+    find_resumable_checkpoint,
+)
 from metattt.config import (
     DistillConfig,
     DrafterArgs,
@@ -21,6 +27,8 @@ from metattt.config import (
     TargetConfig,
     TrainerConfig,
 )
+from metattt.distributed import make_strategy
+from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig, is_ar_checkpoint
 from metattt.models.drafter import BlockDrafter, DrafterConfig
 from metattt.models.target import FrozenTarget
 
@@ -57,9 +65,29 @@ def mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str) -> int:
     return int(tid)
 
 
-def build_drafter(args: DrafterArgs, target: FrozenTarget, tokenizer: PreTrainedTokenizerBase) -> BlockDrafter:
+DRAFTER_KINDS = ("block", "autoregressive")
+
+
+def load_drafter(path: str | Path, attn_implementation: str = "sdpa") -> BlockDrafter | ARDrafter:
+    """A drafter folder of either kind, chosen by `architectures` in its config.json:
+    ARCrossAttnDraftModel -> ARDrafter, anything else -> BlockDrafter (DFlash layout)."""
+    if is_ar_checkpoint(path):
+        return ARDrafter.from_pretrained(path, attn_implementation=attn_implementation)
+    return BlockDrafter.from_pretrained(path, attn_implementation=attn_implementation)
+
+
+def lora_target_modules(lora: LoraArgs, drafter) -> list[str] | None:
+    """`lora.target_modules`, or (None) the drafter kind's default: the autoregressive drafter's
+    `default_lora_targets`; None lets `add_lora` use the block drafter's."""
+    return lora.target_modules or getattr(drafter, "default_lora_targets", None)
+
+
+def build_drafter(args: DrafterArgs, target: FrozenTarget,
+                  tokenizer: PreTrainedTokenizerBase) -> BlockDrafter | ARDrafter:
+    if args.kind not in DRAFTER_KINDS:
+        raise ValueError(f"drafter.kind={args.kind!r}: choose one of {DRAFTER_KINDS}")
     if args.init_from:
-        drafter = BlockDrafter.from_pretrained(args.init_from, attn_implementation=args.attn_implementation)
+        drafter = load_drafter(args.init_from, attn_implementation=args.attn_implementation)
         cfg = drafter.config
         if cfg.hidden_size != target.hidden_size:
             raise ValueError(f"drafter {args.init_from} has width {cfg.hidden_size}, the target {target.hidden_size}")
@@ -74,8 +102,19 @@ def build_drafter(args: DrafterArgs, target: FrozenTarget, tokenizer: PreTrained
             num_key_value_heads=args.num_key_value_heads, head_dim=args.head_dim,
         ).items() if v is not None
     }
+    if args.kind == "autoregressive":
+        try:  # kept in its config for a uniform interface; it drafts no mask tokens
+            mask_id = resolve_mask_token_id(tokenizer, args.mask_token, target)
+        except ValueError:
+            mask_id = -1
+        config = ARDrafterConfig.from_target(
+            target.config, mask_token_id=mask_id, target_layer_ids=target.layer_ids,
+            num_hidden_layers=args.num_hidden_layers, block_size=args.block_size,
+            attn_implementation=args.attn_implementation, **overrides,
+        )
+        return ARDrafter(config).attach_target(target)
     config = DrafterConfig.from_target(
-        target.config, mask_token_id=mask_token_id(tokenizer, args.mask_token),
+        target.config, mask_token_id=resolve_mask_token_id(tokenizer, args.mask_token, target),
         target_layer_ids=target.layer_ids, num_hidden_layers=args.num_hidden_layers,
         block_size=args.block_size, attn_implementation=args.attn_implementation, **overrides,
     )
@@ -86,11 +125,25 @@ def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epoc
                  grad_clip: float | None, checkpoint_every_n_steps: int, val_check_interval=1.0,
                  limit_val_batches=1.0, accumulate_grad_batches: int = 1, monitor: str | None = None,
                  extra_callbacks: list | None = None, inference_mode: bool = True) -> L.Trainer:
+    """The Trainer of one stage, writing to `{out}/{stage}/`.
+
+    Scale-out (see metattt.distributed and metattt.checkpointing): `trainer.strategy` ddp / fsdp
+    (shards only the frozen target) / auto (ddp when more than one process); Slurm and torchrun are
+    detected by Lightning; SIGUSR1 checkpoints at the next batch, requeues a Slurm job and exits (75).
+    Checkpoints are atomic (`last.ckpt` + `last.prev.ckpt`), carry the data position, and the global
+    RNGs are reseeded from the step, so a resumed run ends where an uninterrupted one does.
+    """
     stage_dir = run.out_dir / stage
+    ckpt_dir = stage_dir / "checkpoints"
     callbacks = [
-        ModelCheckpoint(dirpath=stage_dir / "checkpoints", save_last=True, every_n_train_steps=checkpoint_every_n_steps,
-                        save_top_k=1 if monitor else 0, monitor=monitor, save_on_train_epoch_end=True),
+        # enable_version_counter=False: overwrite last.ckpt (never last-v1.ckpt, which resume would not prefer)
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=checkpoint_every_n_steps,
+                        save_top_k=1 if monitor else 0, monitor=monitor, save_on_train_epoch_end=True,
+                        enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
+        DataPosition(),
+        StepSeeder(run.seed),
+        PreemptionCheckpoint(ckpt_dir),
         *(extra_callbacks or []),
     ]
     return L.Trainer(
@@ -108,14 +161,25 @@ def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epoc
         accelerator=trainer.accelerator,
         devices=trainer.devices,
         num_nodes=trainer.num_nodes,
-        strategy=trainer.strategy,
+        strategy=make_strategy(trainer.strategy, trainer.accelerator, trainer.devices, trainer.num_nodes,
+                               find_unused_parameters=stage == "meta"),
         precision=trainer.precision,
         log_every_n_steps=trainer.log_every_n_steps,
         enable_progress_bar=trainer.enable_progress_bar,
         deterministic=trainer.deterministic,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *_cluster_plugins()],
         inference_mode=inference_mode,
     )
+
+
+def _cluster_plugins() -> list:
+    """In a Slurm job (not under torchrun): Lightning's SLURMEnvironment without its own SIGUSR1
+    handler, since `PreemptionCheckpoint` does checkpoint + requeue at a batch boundary instead."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
 
 
 def build_datamodule(data_kwargs: dict, tokenizer: PreTrainedTokenizerBase, seed: int, block_size: int):
@@ -147,6 +211,7 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
     tokenizer = load_tokenizer(target_cfg.path)
     drafter = build_drafter(drafter_args, target, tokenizer)
     dm = build_datamodule(data, tokenizer, run.seed, drafter.config.block_size)
+    check_feature_cache(dm, target)
     module = DistillModule(target, drafter, lr=distill.lr, weight_decay=distill.weight_decay,
                            warmup_ratio=distill.warmup_ratio, num_anchors=distill.num_anchors,
                            gamma=distill.gamma, seed=run.seed)
@@ -194,8 +259,9 @@ def run_meta_train(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draft
     if meta.context_max < S + 1:
         raise ValueError(f"meta.context_max={meta.context_max} leaves no room for a block of {S} in the context")
     dm = build_datamodule(data, tokenizer, run.seed, 2 * S + 1)  # a block in the context and one after it
+    check_feature_cache(dm, target)
     model = add_lora(drafter, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                     target_modules=lora.target_modules, seed=run.seed)
+                     target_modules=lora_target_modules(lora, drafter), seed=run.seed)
     module = MetaTrainModule(target, model, meta, seed=run.seed)
     trainer = make_trainer(run, trainer_cfg, "meta", max_epochs=meta.max_epochs, max_steps=meta.max_steps,
                            grad_clip=None, checkpoint_every_n_steps=meta.checkpoint_every_n_steps,
@@ -222,7 +288,7 @@ def _zero_init_lora(drafter_path: Path, target: FrozenTarget, lora_config, seed:
     """peft's fresh LoRA init (A random, B = 0) for the same adapter layout, by parameter name."""
     from peft import get_peft_model
 
-    fresh = BlockDrafter.from_pretrained(drafter_path).attach_target(target)
+    fresh = load_drafter(drafter_path).attach_target(target)
     cfg = lora_config.__class__(**{k: v for k, v in lora_config.to_dict().items() if k in lora_config.__dataclass_fields__})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -235,55 +301,21 @@ def _zero_init_lora(drafter_path: Path, target: FrozenTarget, lora_config, seed:
 def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
              trainer_cfg: TrainerConfig, cfg, tiny_config=None) -> dict | None:
     """Evaluate static / TTT-zero / TTT-meta drafters; write {out}/eval/report.{json,md} + plots."""
-    import json
-
     from torch.utils.data import DataLoader
 
     from metattt.evaluate import condition_plan, load_prompts
     from metattt.lit.eval import EvalModule
-    from metattt.losses import default_gamma
-    from metattt.models.lora import add_lora, load_meta_lora, lora_parameters
-    from metattt.ttt.tasks import TTTConfig
 
     L.seed_everything(run.seed, workers=True)
-    meta_path = Path(cfg.meta_lora_path) if cfg.meta_lora_path else run.out_dir / "meta_lora"
-    has_meta = (meta_path / "adapter_config.json").is_file()
-    drafter_path = Path(cfg.drafter_path) if cfg.drafter_path else None
-    if drafter_path is None:
-        drafter_path = run.out_dir / "drafter"
-        if has_meta:  # the adapter names its base (the meta-trained drafter when update_base was on)
-            base = json.loads((meta_path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            drafter_path = Path(base) if base and (Path(base) / "config.json").is_file() else drafter_path
-    if not (drafter_path / "config.json").is_file():
-        raise FileNotFoundError(f"no drafter at {drafter_path}: run `make distill` (and `make meta-train`) first")
-    conditions = list(cfg.conditions)
-    if not has_meta and any(c in ("ttt_meta", "meta_static") for c in conditions):
-        log.warning("no meta-learned LoRA at %s: skipping conditions ttt_meta/meta_static", meta_path)
-        conditions = [c for c in conditions if c not in ("ttt_meta", "meta_static")]
-        cfg = cfg.__class__(**{**cfg.__dict__, "conditions": conditions})
-
-    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
-    tokenizer = load_tokenizer(target_cfg.path)
-    drafter = build_drafter(DrafterArgs(init_from=str(drafter_path)), target, tokenizer)
-    feature_head = None
-    if has_meta:
-        model, ttt, extra = load_meta_lora(drafter, meta_path)
-        if "feature_head.weight" in extra:
-            H = drafter.config.hidden_size
-            feature_head = torch.nn.Linear(H, H, bias=False)
-            feature_head.weight.data.copy_(extra["feature_head.weight"])
-        lora_config = model.peft_config["default"]
-    else:
-        model = add_lora(drafter, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                         target_modules=lora.target_modules, seed=run.seed)
-        ttt, lora_config = TTTConfig(gamma=default_gamma(drafter.config.block_size)), model.peft_config["default"]
-    inits = {"zero": _zero_init_lora(drafter_path, target, lora_config, run.seed)}
-    if has_meta:
-        inits["meta"] = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
-    if ttt.objective.attn_entropy:
-        from metattt.models.drafter import set_attn_implementation
-
-        set_attn_implementation(model, "eager")
+    stack = load_eval_stack(run, target_cfg, drafter_args, lora, cfg.drafter_path, cfg.meta_lora_path, tiny_config)
+    target, tokenizer, model, ttt = stack["target"], stack["tokenizer"], stack["model"], stack["ttt"]
+    inits, feature_head, drafter_path, meta_path = (stack["inits"], stack["feature_head"], stack["drafter_path"],
+                                                    stack["meta_path"])
+    has_meta = meta_path is not None
+    if not has_meta and any(c in ("ttt_meta", "meta_static") for c in cfg.conditions):
+        log.warning("no meta-learned LoRA found: skipping conditions ttt_meta/meta_static")
+        cfg = cfg.__class__(**{**cfg.__dict__, "conditions": [
+            c for c in cfg.conditions if c not in ("ttt_meta", "meta_static")]})
     plan = condition_plan(cfg, ttt)
 
     prompts = []
@@ -293,7 +325,8 @@ def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs
     eos = tokenizer.eos_token_id
     out_dir = run.out_dir / "eval"
     meta = {"recipe": run.name, "drafter": str(drafter_path), "meta_lora": str(meta_path) if has_meta else None,
-            "block_size": drafter.config.block_size, "prompt_len": cfg.prompt_len,
+            "drafter_kind": getattr(model.config, "kind", "block"),
+            "block_size": model.config.block_size, "prompt_len": cfg.prompt_len,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "rule": cfg.rule if cfg.temperature > 0 else "greedy", "ttt_steps": ttt.steps if cfg.ttt_steps is None
             else cfg.ttt_steps, "device": "cpu" if trainer_cfg.accelerator == "cpu" else trainer_cfg.accelerator}
@@ -318,3 +351,167 @@ def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs
     if trainer.is_global_zero:
         log.info("evaluation report written to %s", out_dir / "report.md")
     return module.summary
+
+
+# --- real models: mask token, data preparation, hidden-state cache -------------------------------
+
+
+def resolve_mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str, target: FrozenTarget) -> int:
+    """`mask_token`'s id; if the tokenizer lacks it but the target's embedding has rows past the
+    tokenizer's vocabulary (Qwen3: 151,669 tokens, 151,936 rows), the first such row — an untrained
+    row, which is what DFlash drafters for Qwen3 use as their mask (`dflash_config.mask_token_id`)."""
+    try:
+        return mask_token_id(tokenizer, mask_token)
+    except ValueError:
+        rows = getattr(target.embed_tokens, "num_embeddings", 0)
+        if len(tokenizer) < rows:
+            log.warning("the tokenizer has no %r: the drafter's mask is embedding row %d, the first past the "
+                        "tokenizer's %d tokens", mask_token, len(tokenizer), len(tokenizer))
+            return len(tokenizer)
+        raise
+
+
+def check_feature_cache(dm, target: FrozenTarget) -> None:
+    """With `data.feature_cache`, the cache must hold the layers the target taps."""
+    cache = dm.features() if hasattr(dm, "features") else None
+    if cache is not None:
+        cache.check(target.layer_ids, target.hidden_size * len(target.layer_ids))
+        log.info("reading target features from the cache %s (%d sequences): the target is not run",
+                 cache.path, len(cache))
+
+
+def run_prepare(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, data: dict, prepare,
+                tiny_config=None) -> dict:
+    """Chat data → (target-regenerated) tokenized Arrow folders in `prepare.output_dir` (default
+    {out}/data/{train,validation}); then, with `prepare.cache_features`, the hidden-state cache of the
+    `data` section's sequences in `data.feature_cache`. Reruns reuse finished work."""
+    from metattt.data.feature_cache import write_feature_cache
+    from metattt.data.prepare import prepare_chat_data
+
+    if not (prepare.train_files or prepare.val_files or prepare.cache_features):
+        raise ValueError("prepare has nothing to do: set prepare.train_files (chat data to tokenize) and/or "
+                         "prepare.cache_features=true (with data.feature_cache)")
+    if prepare.cache_features and not data.get("feature_cache"):
+        raise ValueError("prepare.cache_features=true needs data.feature_cache: <folder> (where the cache goes)")
+    target: FrozenTarget | None = None
+
+    def get_target() -> FrozenTarget:
+        nonlocal target
+        if target is None:
+            target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+            if torch.cuda.is_available():
+                target.to("cuda")
+        return target
+
+    if target_cfg.build_tiny and not (Path(target_cfg.path) / "config.json").is_file():
+        get_target()  # builds the tiny target (and its tokenizer)
+    tokenizer = load_tokenizer(target_cfg.path)
+    result: dict = {}
+    if prepare.train_files or prepare.val_files:
+        out_dir = Path(prepare.output_dir) if prepare.output_dir else run.out_dir / "data"
+        result["data"] = prepare_chat_data(prepare, tokenizer, out_dir, data.get("chat_template_kwargs"),
+                                           load_model=lambda: get_target().model)
+    if prepare.cache_features:
+        kwargs = {k: v for k, v in data.items() if k != "feature_cache"}
+        dm = build_datamodule(kwargs, tokenizer, run.seed, drafter_args.block_size)
+        t = get_target()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        result["feature_cache"] = {}
+        for split, ds in (("train", dm.train_dataset), ("validation", dm.val_dataset)):
+            if ds is not None and len(ds):
+                result["feature_cache"][split] = write_feature_cache(
+                    t, ds, data["feature_cache"], dtype=prepare.cache_dtype, batch_size=prepare.cache_batch_size,
+                    shard_bytes=prepare.cache_shard_mb << 20, target_name=str(target_cfg.path), pad_id=pad,
+                    progress=True)
+    return result
+
+
+# --- draft-guided decoding on context-learning tasks (metattt.guided) ---------------------------------
+def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
+                    drafter_path: str | None, meta_lora_path: str | None, tiny_config=None) -> dict:
+    """run_eval's loading logic as a helper (run_eval itself is unchanged): the target, its tokenizer,
+    the peft-wrapped drafter, the exported TTT config, the LoRA inits ("zero", and "meta" when a
+    meta-learned adapter exists) and the learned feature head (or None)."""
+    import json
+
+    from metattt.losses import default_gamma
+    from metattt.models.lora import add_lora, load_meta_lora, lora_parameters
+    from metattt.ttt.tasks import TTTConfig
+
+    meta_path = Path(meta_lora_path) if meta_lora_path else run.out_dir / "meta_lora"
+    has_meta = (meta_path / "adapter_config.json").is_file()
+    path = Path(drafter_path) if drafter_path else None
+    if path is None:
+        path = run.out_dir / "drafter"
+        if has_meta:  # the adapter names its base (the meta-trained drafter when update_base was on)
+            base = json.loads((meta_path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            path = Path(base) if base and (Path(base) / "config.json").is_file() else path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no drafter at {path}: run `make distill` (and `make meta-train`) first")
+    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+    tokenizer = load_tokenizer(target_cfg.path)
+    drafter = build_drafter(DrafterArgs(init_from=str(path)), target, tokenizer)
+    feature_head = None
+    if has_meta:
+        model, ttt, extra = load_meta_lora(drafter, meta_path)
+        if "feature_head.weight" in extra:
+            H = drafter.config.hidden_size
+            feature_head = torch.nn.Linear(H, H, bias=False)
+            feature_head.weight.data.copy_(extra["feature_head.weight"])
+    else:
+        model = add_lora(drafter, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                         target_modules=lora_target_modules(lora, drafter), seed=run.seed)
+        ttt = TTTConfig(gamma=default_gamma(drafter.config.block_size))
+    inits = {"zero": _zero_init_lora(path, target, model.peft_config["default"], run.seed)}
+    if has_meta:
+        inits["meta"] = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    if ttt.objective.attn_entropy:
+        from metattt.models.drafter import set_attn_implementation
+
+        set_attn_implementation(model, "eager")
+    return dict(target=target, tokenizer=tokenizer, model=model, ttt=ttt, inits=inits, feature_head=feature_head,
+                drafter_path=path, meta_path=meta_path if has_meta else None)
+
+
+def run_guided_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
+                    trainer_cfg: TrainerConfig, cfg, tiny_config=None) -> list[dict]:
+    """Draft-guided decoding on context-learning tasks: category × temperature × α × TTT (+ null
+    control); writes {out}/guided/report.{json,md}, accuracy_by_alpha.png and tasks.jsonl."""
+    from metattt.clbench import make_judge, save_tasks
+    from metattt.guided import load_guided_tasks, run_guided_matrix, write_guided_report
+    from metattt.ttt.tasks import TTTConfig
+
+    cfg.validate()
+    L.seed_everything(run.seed, workers=True)
+    judge = make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout_s)
+    tasks = load_guided_tasks(cfg, run.seed)
+    s = load_eval_stack(run, target_cfg, drafter_args, lora, cfg.drafter_path, cfg.meta_lora_path, tiny_config)
+    ttt = TTTConfig(**{**s["ttt"].__dict__})
+    if cfg.ttt_steps is not None:
+        ttt.steps = cfg.ttt_steps
+    if cfg.ttt_lr is not None:
+        ttt.lr, ttt.learned_lrs = cfg.ttt_lr, None
+    init_name = cfg.ttt_init if cfg.ttt_init in s["inits"] else "zero"
+    if init_name != cfg.ttt_init:
+        log.warning("no meta-learned LoRA at %s: guided-eval starts TTT from the zero init",
+                    Path(cfg.meta_lora_path) if cfg.meta_lora_path else run.out_dir / "meta_lora")
+    use_cuda = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    target, model = s["target"].to(device), s["model"].to(device)
+    init = {n: t.to(device) for n, t in s["inits"][init_name].items()}
+    feature_head = s["feature_head"].to(device) if s["feature_head"] is not None else None
+    out_dir = run.out_dir / "guided"
+    save_tasks(tasks, out_dir / "tasks.jsonl")
+    log.info("guided-eval: %d tasks, %d questions, on %s", len(tasks), sum(len(t.questions) for t in tasks), device)
+    records = run_guided_matrix(target, model, s["tokenizer"], tasks, cfg, init, ttt, judge, run.seed, feature_head)
+    meta = {"recipe": run.name, "drafter": str(s["drafter_path"]), "meta_lora": str(s["meta_path"]),
+            "lora_init": init_name, "tasks": cfg.tasks or f"synthetic {list(cfg.synthetic_categories)} (seed {run.seed})",
+            "num_tasks": len(tasks), "alpha_rule": cfg.alpha_rule if cfg.alpha_rule == "fixed"
+            else f"kl (kl_tau={cfg.kl_tau:g})", "ttt_steps": ttt.steps, "ttt_lr": ttt.lr,
+            "max_new_tokens": cfg.max_new_tokens, "top_p": cfg.top_p, "judge": getattr(judge, "name", cfg.judge),
+            "device": str(device)}
+    rows = write_guided_report(records, out_dir, meta)
+    log.info("guided-eval report written to %s", out_dir / "report.md")
+    return rows

@@ -111,3 +111,13 @@ def recipe_args(ws: Path, *extra: str) -> list[str]:
         "--distill.num_anchors=8", "--distill.limit_val_batches=1",
         *extra,
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (tests/test_gpu.py) are skipped where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

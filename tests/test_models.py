@@ -195,3 +195,14 @@ def test_drafter_without_target_head_says_what_to_do(tiny_target):
     with pytest.raises(RuntimeError, match="attach_target"):
         BlockDrafter(cfg)(torch.zeros(1, 1, 4, dtype=torch.long), torch.tensor([[3]]),
                           context_features=torch.zeros(1, 3, 64))
+
+
+def test_batch_without_any_block_gives_a_zero_loss_with_a_graph(tiny_target, tiny_drafter):
+    ids = torch.randint(2, 96, (1, 6))
+    attn = torch.ones_like(ids)
+    valid = valid_anchor_mask(attn, attn, 8)  # block of 8 cannot fit in 6 tokens
+    assert not valid.any()
+    anchors, ok = sample_anchors(valid, 4)
+    out = block_prediction_loss(tiny_drafter, tiny_target(ids).features, ids, attn, attn, anchors, ok, 4, MASK_ID, 2.0)
+    assert out.loss.item() == 0.0
+    out.loss.backward()  # does not raise: Lightning can step over such a batch

@@ -67,7 +67,13 @@ class PadCollator:
             input_ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             attention_mask[i, :n] = 1
             loss_mask[i, :n] = torch.as_tensor(r["loss_mask"], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        if "features" in rows[0]:  # cached target features (data.feature_cache), zero on padding
+            feats = rows[0]["features"].new_zeros((batch, width, rows[0]["features"].shape[-1]))
+            for i, (r, n) in enumerate(zip(rows, lengths)):
+                feats[i, :n] = r["features"]
+            out["features"] = feats
+        return out
 
 
 class SequenceDataModule(L.LightningDataModule):
@@ -101,6 +107,9 @@ class SequenceDataModule(L.LightningDataModule):
         cache_dir: ``datasets`` cache folder (default: ``HF_DATASETS_CACHE``); point it at
             shared storage on a cluster so ranks and reruns reuse the tokenized data.
         num_proc: processes for reading and tokenizing (None: in-process).
+        feature_cache: a hidden-state cache folder (``metattt.data.feature_cache``, written by
+            ``python -m metattt prepare`` with ``prepare.cache_features``): batches then carry
+            ``features`` (B, T, n·H) and training reads them instead of running the target.
     """
 
     def __init__(
@@ -120,6 +129,7 @@ class SequenceDataModule(L.LightningDataModule):
         hub_split: str = "train",
         cache_dir: str | None = None,
         num_proc: int | None = None,
+        feature_cache: str | None = None,
     ) -> None:
         super().__init__()
         # A tokenizer object is not a hyperparameter: keep the path only.
@@ -143,6 +153,8 @@ class SequenceDataModule(L.LightningDataModule):
         self.hub_split = hub_split
         self.cache_dir = cache_dir
         self.num_proc = num_proc
+        self.feature_cache = feature_cache
+        self._feature_cache = None
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self._prepared: tuple[datasets.Dataset, datasets.Dataset] | None = None
@@ -231,15 +243,39 @@ class SequenceDataModule(L.LightningDataModule):
             built = self._prepared if self._prepared is not None else self._build()
             self.train_dataset, self.val_dataset = built
             self._prepared = None
+            if self.feature_cache and len(self.train_dataset):
+                self.features().get(self.train_dataset[0]["input_ids"])  # a stale cache fails here, with the fix
 
     # ---------------------------------------------------------------- loaders
 
+    def features(self):
+        """The opened ``feature_cache`` (None when unset)."""
+        if self.feature_cache and self._feature_cache is None:
+            from metattt.data.feature_cache import FeatureCache
+
+            self._feature_cache = FeatureCache(self.feature_cache)
+        return self._feature_cache
+
     def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        if self.feature_cache:
+            from metattt.data.feature_cache import FeatureDataset
+
+            ds = FeatureDataset(ds, self.features())
+        loader_cls, sampler = DataLoader, None
+        if shuffle:
+            # order = f(seed, epoch), the same global order on any number of ranks, resumable mid-epoch
+            from metattt.checkpointing import ResumableDataLoader, ResumableSampler
+
+            t = self.trainer
+            sampler = ResumableSampler(ds, num_replicas=t.world_size if t else 1, rank=t.global_rank if t else 0,
+                                       seed=self.seed)
+            loader_cls, shuffle, generator = ResumableDataLoader, False, None
+        return loader_cls(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             collate_fn=PadCollator(self.pad_token_id),
             num_workers=self.num_workers,

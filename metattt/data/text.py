@@ -56,6 +56,8 @@ SHAREGPT_ROLES: dict[str, str] = {
     "tool": "tool",
 }
 _CHAT_COLUMNS = ("messages", "conversations")
+# Records written by `python -m metattt prepare` are already tokenized: used as they are.
+_TOKENIZED_COLUMNS = ("input_ids", "loss_mask")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def _align_and_concatenate(parts: list[datasets.Dataset]) -> datasets.Dataset:
     Only the columns the tokenizer reads survive: metadata columns rarely agree in type across
     files, and a column missing from one part is filled with nulls so the schemas match.
     """
-    wanted = ("text", *_CHAT_COLUMNS)
+    wanted = ("text", *_CHAT_COLUMNS, *_TOKENIZED_COLUMNS)
     present = [c for c in wanted if any(c in p.column_names for p in parts)]
     features: dict[str, Any] = {}
     for p in parts:
@@ -311,6 +313,10 @@ def _assistant_spans_by_prefix(
             # History rendered unlike a final turn: locate the content, then take the end-of-turn
             # tokens that immediately follow it.
             pos = full.find(content, start)
+            if pos < 0 and "</think>" in content:
+                # Qwen3-style templates render history answers without their inline think block
+                content = content.split("</think>")[-1].lstrip("\n")
+                pos = full.find(content, start)
             if pos < 0:
                 warnings.warn(
                     f"assistant turn {i} could not be located in the rendered chat; it gets no loss",
@@ -430,6 +436,8 @@ def tokenize_dataset(
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
+    if all(c in ds.column_names for c in _TOKENIZED_COLUMNS):
+        return _pretokenized(ds, max_length, pack, num_proc, pack_batch_size)
     text_col, chat_cols = _record_columns(ds)
     if chat_cols:
         _chat_template(tokenizer)
@@ -481,6 +489,22 @@ def tokenize_dataset(
     if pack:
         tokenized = pack_sequences(tokenized, max_length, num_proc=num_proc, batch_size=pack_batch_size)
     return tokenized
+
+
+def _pretokenized(ds: datasets.Dataset, max_length: int, pack: bool, num_proc: int | None,
+                  pack_batch_size: int) -> datasets.Dataset:
+    """Records that already hold ``input_ids``/``loss_mask`` (``metattt prepare``): pack or truncate."""
+    ds = ds.select_columns(list(_TOKENIZED_COLUMNS))
+
+    def cut(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        if any(ids is None for ids in batch["input_ids"]):
+            raise ValueError("some records are tokenized (input_ids/loss_mask) and others are not: prepare every "
+                             "source with `python -m metattt prepare`, or none")
+        return {"input_ids": [list(ids[:max_length]) for ids in batch["input_ids"]],
+                "loss_mask": [[int(m) for m in mask[:max_length]] for mask in batch["loss_mask"]]}
+
+    ds = ds.map(cut, batched=True, num_proc=num_proc, desc="reading tokenized records")
+    return pack_sequences(ds, max_length, num_proc=num_proc, batch_size=pack_batch_size) if pack else ds
 
 
 def _pack_batch(batch: dict[str, list[list[int]]], max_length: int) -> dict[str, list[list[int]]]:

@@ -60,7 +60,10 @@ class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
 
     def _step(self, batch: dict, batch_idx: int, stage: str):
         ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        features = self.target(ids, attention_mask=attn, return_logits=False).features  # (B, T, n·H)
+        if "features" in batch:  # offline hidden-state cache (data.feature_cache)
+            features = batch["features"]  # (B, T, n·H)
+        else:
+            features = self.target(ids, attention_mask=attn, return_logits=False).features  # (B, T, n·H)
         valid = valid_anchor_mask(lmask, attn, self.block_size)
         anchors, ok = sample_anchors(valid, self.num_anchors, self._anchor_generator(batch_idx, stage))
         out = block_prediction_loss(

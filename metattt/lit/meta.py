@@ -81,8 +81,11 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
                          num_anchors=self.cfg.inner_anchors, gamma=self.gamma, objective=self.objective)
 
     def _meta(self, batch: dict, batch_idx: int, stage: str, algorithm: str) -> MetaBatchResult:
-        features = self.target(batch["input_ids"], attention_mask=batch["attention_mask"],
-                               return_logits=False).features  # (B, T, n·H)
+        if "features" in batch:  # offline hidden-state cache (data.feature_cache)
+            features = batch["features"]  # (B, T, n·H)
+        else:
+            features = self.target(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   return_logits=False).features  # (B, T, n·H)
         g = self._generator(batch_idx, stage)
         tasks = make_tasks(batch, features, self.cfg.context_min, self.cfg.context_max, self.block_size, g)
         phi = {n: p for n, p in self.drafter.named_parameters() if n in self.fast_names}

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-
-from metattt.utils import atomic_dir
 
 
 @dataclass
@@ -55,6 +52,8 @@ class DrafterConfig:
     # (second-order meta-gradients). Meta-training switches to eager on its own.
     attn_implementation: str = "sdpa"
     extra: dict = field(default_factory=dict)  # unknown config.json keys, kept for round trips
+    # top-level keys of the config.json this was read from (None: built here); export writes them back
+    source_keys: list[str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -91,18 +90,11 @@ class DrafterConfig:
         base.update(overrides)
         return cls(mask_token_id=mask_token_id, target_layer_ids=list(target_layer_ids), **base)
 
-    # --- DFlash checkpoint layout (config.json) -------------------------------------------
+    # --- DFlash checkpoint layout (config.json); the rules live in metattt.export.dflash ---------
     def to_dflash_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("extra", "mask_token_id", "target_layer_ids")}
-        d.pop("attn_implementation")
-        out = dict(self.extra)
-        out.update(
-            architectures=["DFlashDraftModel"],
-            model_type=self.extra.get("model_type", "qwen3"),
-            dflash_config={"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)},
-            **d,
-        )
-        return out
+        from metattt.export.dflash import config_to_dflash
+
+        return config_to_dflash(self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> DrafterConfig:
@@ -111,17 +103,9 @@ class DrafterConfig:
 
     @classmethod
     def from_dflash_dict(cls, d: dict) -> DrafterConfig:
-        d = dict(d)
-        dflash = d.pop("dflash_config", {}) or {}
-        if "mask_token_id" not in dflash or "target_layer_ids" not in dflash:
-            raise ValueError("config.json has no dflash_config.mask_token_id / target_layer_ids: not a DFlash drafter")
-        known = {f.name for f in fields(cls)} - {"extra", "mask_token_id", "target_layer_ids"}
-        kwargs = {k: d.pop(k) for k in list(d) if k in known}
-        if kwargs.get("rope_theta") is None:
-            kwargs["rope_theta"] = float((d.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0))
-        kwargs.setdefault("num_target_layers", max(dflash["target_layer_ids"]) + 4)
-        return cls(mask_token_id=dflash["mask_token_id"], target_layer_ids=dflash["target_layer_ids"],
-                   extra=d, **kwargs)
+        from metattt.export.dflash import config_from_dflash
+
+        return config_from_dflash(d)
 
 
 class RMSNorm(nn.Module):
@@ -360,32 +344,18 @@ class BlockDrafter(nn.Module):
             x = layer(x, kv, cos_q, sin_q, mask)
         return self.norm(x).reshape(B, N, S, -1)
 
-    # --- checkpoint I/O: DFlash layout -------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> Path:
-        """config.json + model.safetensors with unprefixed weights, written atomically."""
-        path = Path(path)
-        with atomic_dir(path) as tmp:
-            (tmp / "config.json").write_text(json.dumps(self.config.to_dflash_dict(), indent=2) + "\n")
-            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        return path
+    # --- checkpoint I/O: DFlash layout (metattt.export.dflash) -------------------------------
+    def save_pretrained(self, path: str | Path, dtype: str | torch.dtype | None = None,
+                        max_shard_bytes: int | None = None) -> Path:
+        """config.json + model.safetensors with unprefixed weights, written atomically
+        (optionally cast, e.g. to bfloat16, and sharded)."""
+        from metattt.export.dflash import export_dflash
+
+        return export_dflash(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, attn_implementation: str = "sdpa", strict: bool = True) -> BlockDrafter:
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no drafter at {path}: expected config.json + *.safetensors")
-        config = DrafterConfig.from_pretrained(path)
-        config.attn_implementation = attn_implementation
-        model = cls(config)
-        state: dict[str, torch.Tensor] = {}
-        shards = sorted(path.glob("*.safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"no *.safetensors weights in {path}")
-        for shard in shards:
-            state.update(load_file(str(shard)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if strict and (missing or unexpected):
-            raise ValueError(f"drafter weights in {path} do not match its config: missing {missing}, unexpected {unexpected}")
-        dtype = next(iter(state.values())).dtype
-        return model.to(dtype)
+        """A DFlash-layout folder: ours, or a released drafter (sharded or not, bf16, extra keys)."""
+        from metattt.export.dflash import import_dflash
+
+        return import_dflash(path, attn_implementation=attn_implementation, strict=strict)

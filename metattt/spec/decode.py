@@ -1,4 +1,4 @@
-"""Speculative decoding with the block drafter, and target-only decoding as its reference.
+"""Speculative decoding with either drafter kind, and target-only decoding as its reference.
 
 One request at a time: `prompt_ids` is (1, P) (or (P,)). Batching requests with ragged
 acceptance needs per-row cache cropping, which transformers' caches do not offer; a batch of
@@ -10,6 +10,8 @@ The loop (block size S, "position" = index in prompt + generated tokens):
               drafter context cache <- features of 0..P-1
     repeat    block  = [x_last, MASK × (S-1)] anchored at x_last's position L
               drafts = drafter(block | context < L) at block positions 1..S-1
+                       (autoregressive kind: S-1 one-token forwards from x_last, all reading
+                        context < L, drafts fed back through the drafter's own KV cache)
               verify = target([x_last, d_1 .. d_{S-1}] | KV cache) -> S rows of logits
               accept a drafts, then the target's own token (correction, or bonus if a = S-1)
               crop the KV cache and extend the drafter context to the committed tokens
@@ -39,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from metattt.models.ar_drafter import ChainCache
 
 # --- results ------------------------------------------------------------------------------
 
@@ -326,6 +330,38 @@ def _draft(
     return _sample(q, generator), q
 
 
+def _draft_autoregressive(
+    drafter, last_token: int, position: int, ctx_cache, temperature: float, top_p: float,
+    generator: torch.Generator | None, greedy_draft: bool, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S-1 drafter forwards of one token each (metattt.models.ar_drafter) -> drafts (S-1,), q (S-1, V).
+
+    The chain starts at the last committed token x_c (position c) and feeds each draft back in
+    through the drafter's self-attention KV cache; every step reads the same context cache,
+    features 0..c-1, never features of drafted tokens. Row k of q is the distribution d_{k+1} was
+    drawn from, given d_1..d_k: what both sampling rules need.
+    """
+    S = int(drafter.config.block_size)
+    anchors = torch.tensor([[position]], device=device)  # (1, 1)
+    chain = ChainCache()
+    token = last_token
+    drafts: list[int] = []
+    qs: list[torch.Tensor] = []
+    for _ in range(S - 1):
+        hidden = drafter(torch.tensor([[[token]]], device=device), anchors, cache=ctx_cache, chain_cache=chain)
+        logits = drafter.logits(hidden[0, 0, -1]).float()  # (V,): the draft of the next position
+        if temperature == 0.0:
+            token = int(logits.argmax(-1))
+        else:
+            q = sampling_probs(logits, temperature, top_p)  # (V,)
+            token = int(q.argmax(-1)) if greedy_draft else int(_sample(q, generator))
+            # drafting the argmax is a draw from the one-hot q; both rules stay exact with it
+            qs.append(torch.nn.functional.one_hot(torch.tensor(token, device=device), q.shape[-1]).to(q.dtype)
+                      if greedy_draft else q)
+        drafts.append(token)
+    return torch.tensor(drafts, device=device), (torch.stack(qs) if qs else None)
+
+
 @torch.no_grad()
 def speculative_generate(
     target,
@@ -340,11 +376,14 @@ def speculative_generate(
     greedy_draft: bool = False,
     return_cache: bool = False,
 ) -> GenerationResult:
-    """Block-drafter speculative decoding of one prompt (1, P), verified by the target.
+    """Speculative decoding of one prompt (1, P) with either drafter kind, verified by the target.
 
     `drafter` needs `config.block_size`, `config.mask_token_id`, `extend_cache(cache,
     features)`, `__call__(block_ids, anchors, cache=...)` and `logits(hidden)` (BlockDrafter,
-    or a peft wrapper of it). At temperature 0 acceptance is greedy and `rule` is unused; at
+    or a peft wrapper of it). With `config.kind == "autoregressive"` (ARDrafter) the S-1 drafts
+    come from S-1 one-token forwards (`_draft_autoregressive`) instead of one block forward;
+    everything else (verification, acceptance, caches, τ) is the same loop. At temperature 0
+    acceptance is greedy and `rule` is unused; at
     T > 0 drafts are sampled from the drafter's tempered/top-p distribution (argmax with
     `greedy_draft=True`, which suits the "exact" rule: it accepts d with probability p(d)).
     """
@@ -369,12 +408,13 @@ def speculative_generate(
     prefill_done = clock()
     _, done = _commit(tokens, [first], eos, max_new_tokens)
 
+    draft = _draft_autoregressive if getattr(drafter.config, "kind", "block") == "autoregressive" else _draft
     draft_time = verify_time = 0.0
     while not done:
         t0 = clock()
         last = tokens[-1]
         position = prompt.shape[1] + len(tokens) - 1  # of the last committed token = the anchor
-        drafts, q = _draft(drafter, last, position, ctx, temperature, top_p, generator, greedy_draft, device)
+        drafts, q = draft(drafter, last, position, ctx, temperature, top_p, generator, greedy_draft, device)
         t1 = clock()
 
         verify_ids = torch.cat([drafts.new_tensor([last]), drafts])[None]  # (1, S)

@@ -18,8 +18,8 @@ import torch
 from metattt.losses import (
     BlockLoss,
     block_targets,
-    decayed_block_ce,
-    make_blocks,
+    decayed_draft_ce,
+    draft_hidden,
     sample_anchors,
     valid_anchor_mask,
 )
@@ -153,11 +153,10 @@ def context_loss(
     S = cfg.block_size
     total = torch.zeros((), device=ids.device, dtype=torch.promote_types(features.dtype, torch.float32))
     if objective.block or objective.feature or objective.attn_entropy:
-        blocks = make_blocks(ids, anchors, S, cfg.mask_token_id)
         labels, w = block_targets(ids, loss_mask, anchors, anchor_ok, S, gamma)
-        hidden = f(blocks, anchors, context_features=features)  # (1, N, S, H)
+        hidden = draft_hidden(f, ids, anchors, S, cfg.mask_token_id, features)  # (1, N, S-1, H), either kind
         if objective.block:
-            total = total + objective.block * decayed_block_ce(hidden, f.logits, labels, w).loss
+            total = total + objective.block * decayed_draft_ce(hidden, f.logits, labels, w).loss
         if objective.feature:
             if feature_head is None:
                 raise ValueError("objective.feature > 0 needs a feature_head")
@@ -165,7 +164,7 @@ def context_loss(
             # block position k stands where the target's state at a+k-1 predicts token a+k
             pos = (anchors[:, :, None] + torch.arange(S - 1, device=ids.device)).clamp(max=ids.shape[1] - 1)
             want = features[..., -H:].gather(1, pos.flatten(1)[..., None].expand(-1, -1, H)).view(*pos.shape, H)
-            err = (feature_head(hidden[:, :, 1:]) - want.to(hidden.dtype)).pow(2).mean(-1)  # (1, N, S-1)
+            err = (feature_head(hidden) - want.to(hidden.dtype)).pow(2).mean(-1)  # (1, N, S-1)
             total = total + objective.feature * (err * (w > 0)).sum() / (w > 0).sum().clamp_min(1)
         if objective.attn_entropy:
             total = total + objective.attn_entropy * _attn_entropy(f.model if isinstance(f, Functional) else f)
@@ -173,10 +172,9 @@ def context_loss(
         valid = valid_anchor_mask(loss_mask, None, 2)
         a = valid[0].nonzero().flatten()[None]  # (1, M) every position with a next target token
         if a.numel():
-            blocks = make_blocks(ids, a, 2, cfg.mask_token_id)
             labels, w = block_targets(ids, loss_mask, a, torch.ones_like(a, dtype=torch.bool), 2, gamma)
-            hidden = f(blocks, a, context_features=features)
-            total = total + objective.clm * decayed_block_ce(hidden, f.logits, labels, w).loss
+            hidden = draft_hidden(f, ids, a, 2, cfg.mask_token_id, features)
+            total = total + objective.clm * decayed_draft_ce(hidden, f.logits, labels, w).loss
     return total
 
 
@@ -184,10 +182,9 @@ def continuation_loss(f, task: Task, anchors: torch.Tensor, anchor_ok: torch.Ten
     """The outer loss: blocks in the continuation, each seeing all target features before it."""
     cfg = f.config
     S = cfg.block_size
-    blocks = make_blocks(task.ids, anchors, S, cfg.mask_token_id)
     labels, w = block_targets(task.ids, task.loss_mask, anchors, anchor_ok, S, gamma)
-    hidden = f(blocks, anchors, context_features=task.features)
-    return decayed_block_ce(hidden, f.logits, labels, w)
+    hidden = draft_hidden(f, task.ids, anchors, S, cfg.mask_token_id, task.features)
+    return decayed_draft_ce(hidden, f.logits, labels, w)
 
 
 def prequential_chunks(anchors: torch.Tensor, anchor_ok: torch.Tensor, context_len: int, steps: int, step: int):

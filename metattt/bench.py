@@ -1,0 +1,311 @@
+"""`make bench`: costs and τ gains, each timing a ratio of two things measured in the same run.
+
+    python -m metattt.bench --config recipes/tiny.yaml            # quick preset (CPU)
+    python -m metattt.bench --config recipes/tiny.yaml --full     # GPU preset: Qwen3-4B-sized model
+
+Sections (all written to bench/results.json, then printed as tables):
+  meta_step     one outer step of maml / fomaml / reptile (k inner steps) ÷ one distillation
+                step on the same tokens; peak-memory ratio (CUDA allocator peak on GPU, bytes
+                of tensors saved for backward on CPU)
+  ttt_prefill   k TTT steps ÷ the target's prefill of the same prompt, by prompt length
+  scaling       maml step ÷ distill step by context length and by k
+  tau           the eval stage on the recipe: τ ± s.e. for static / TTT-zero / TTT-meta per split,
+                wall-clock speedup over target-only decoding and speedup ÷ τ
+Costs use randomly initialised models of the recipe's dimensions (`--full`: Qwen3-4B's), since
+timing does not depend on the weights; τ uses the trained tiny target, drafter and meta-LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from metattt.losses import block_prediction_loss, default_gamma, sample_anchors, valid_anchor_mask
+from metattt.models.drafter import BlockDrafter, DrafterConfig, set_attn_implementation
+from metattt.models.lora import add_lora, lora_parameters
+from metattt.models.target import FrozenTarget
+from metattt.ttt.meta import meta_batch
+from metattt.ttt.tasks import Task, TTTConfig, TTTObjective, ttt_adapt
+from metattt.utils import atomic_write_json
+
+log = logging.getLogger("metattt")
+
+QWEN3_4B = dict(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timeit(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Median seconds of `reps` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _SavedBytes:
+    """Bytes of tensors autograd saves for backward: a portable activation-memory measure."""
+
+    def __init__(self):
+        self.total = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        def pack(t: torch.Tensor):
+            self.total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+
+def _peak(fn: Callable[[], None], device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    saved = _SavedBytes()
+    with saved():
+        fn()
+    return saved.total
+
+
+def build_models(target_config: dict, num_layers: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 lora_r: int = 16):
+    target = FrozenTarget.from_config(dict(target_config), num_draft_layers=num_layers).to(device=device, dtype=dtype)
+    cfg = DrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=target.layer_ids,
+                                    num_hidden_layers=num_layers, block_size=block_size)
+    drafter = BlockDrafter(cfg).to(device=device, dtype=dtype).attach_target(target)
+    model = add_lora(drafter, r=lora_r, alpha=2 * lora_r).to(device=device, dtype=dtype)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return target, model
+
+
+def _batch(vocab: int, B: int, T: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (B, T), generator=g).to(device)
+    ones = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
+
+
+def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, anchors: int,
+               algorithms: tuple[str, ...], reps: int) -> dict:
+    """Seconds and peak memory of one distill step and one meta step per algorithm, same tokens."""
+    device = batch["input_ids"].device
+    S = model.config.block_size
+    gamma = default_gamma(S)
+    phi = lora_parameters(model)
+    opt = torch.optim.AdamW(phi.values(), lr=1e-4)
+    obj = TTTObjective()
+
+    def distill_step() -> None:
+        feats = target(batch["input_ids"], return_logits=False).features
+        valid = valid_anchor_mask(batch["loss_mask"], batch["attention_mask"], S)
+        a, ok = sample_anchors(valid, anchors, torch.Generator().manual_seed(0))
+        out = block_prediction_loss(model, feats, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                    a, ok, S, model.config.mask_token_id, gamma)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+
+    def meta_step(algorithm: str) -> Callable[[], None]:
+        def run() -> None:
+            feats = target(batch["input_ids"], return_logits=False).features
+            tasks = [Task(batch["input_ids"][i : i + 1], feats[i : i + 1], batch["loss_mask"][i : i + 1], context_len)
+                     for i in range(batch["input_ids"].shape[0])]
+            res = meta_batch(model, phi, tasks, algorithm=algorithm, steps=inner_steps, lr=1e-3, clip=1.0,
+                             inner_anchors=anchors, outer_anchors=anchors, objective=obj, gamma=gamma,
+                             generator=torch.Generator().manual_seed(0))
+            opt.zero_grad()
+            res.loss.backward()
+            opt.step()
+        return run
+
+    out: dict = {}
+    # the same attention kernel for every row, so ratios compare algorithms, not kernels
+    set_attn_implementation(model, "eager")
+    runs = {"distill": distill_step, **{a: meta_step(a) for a in algorithms}}
+    for fn in runs.values():  # warm-up
+        fn()
+    # interleaved repetitions: a load spike on the machine hits every contender alike
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    out["distill_s"] = statistics.median(times["distill"])
+    out["distill_mem"] = _peak(distill_step, device)
+    for algo in algorithms:
+        t = statistics.median(times[algo])
+        m = _peak(runs[algo], device)
+        out[algo] = {"seconds": t, "step_ratio": t / out["distill_s"], "mem_ratio": m / max(1, out["distill_mem"])}
+    return out
+
+
+def ttt_prefill_costs(target, model, lengths: list[int], steps: int, anchors: int, reps: int) -> list[dict]:
+    device = next(target.parameters()).device
+    init = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    ttt = TTTConfig(steps=steps, lr=1e-3, num_anchors=anchors, gamma=default_gamma(model.config.block_size))
+    set_attn_implementation(model, "sdpa")  # inference: first-order TTT runs on the fast kernel
+    rows = []
+    for T in lengths:
+        ids = _batch(target.config.vocab_size, 1, T, device)["input_ids"]
+        prefill = _timeit(lambda ids=ids: target(ids, return_logits=False), device, reps)
+        feats = target(ids, return_logits=False).features
+        adapt = _timeit(lambda ids=ids, feats=feats: ttt_adapt(model, init, ids, feats, ttt), device, reps)
+        rows.append({"prompt_len": T, "prefill_s": prefill, "ttt_s": adapt, "ttt_over_prefill": adapt / prefill})
+    return rows
+
+
+def tau_section(config: str, quick: bool) -> dict:
+    """Run the eval stage of the recipe (meta-training and distilling first where missing)."""
+    from metattt import pipeline
+    from metattt.cli import parse_recipe
+
+    extra = ["--eval.num_prompts=8", "--trainer.enable_progress_bar=false"] if quick else []
+    _, r = parse_recipe(["eval", "--config", config, *extra])
+    meta_dir = r.run.out_dir / "meta_lora"
+    if not (meta_dir / "adapter_config.json").is_file():
+        from metattt.cli import _section_dict
+
+        pipeline.run_meta_train(r.run, r.target, r.drafter, r.lora, _section_dict(r.data), r.trainer, r.distill,
+                                r.meta, tiny_config=r.tiny_target)
+    summary = pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval, tiny_config=r.tiny_target)
+    report = json.loads((r.run.out_dir / "eval" / "report.json").read_text())
+    target_report = Path(r.target.path) / "tiny_target_report.json"
+    quality = json.loads(target_report.read_text()) if target_report.is_file() else {}
+    return {"summary": summary, "meta": report["meta"],
+            "target_quality": {k: quality.get(k) for k in ("val_loss", "shifted_loss", "distinct_2", "distinct_4")}}
+
+
+def run(config: str, full: bool, out: Path, skip_tau: bool = False) -> dict:
+    device = torch.device("cuda" if full and torch.cuda.is_available() else "cpu")
+    if full and device.type != "cuda":
+        raise RuntimeError("--full is the GPU preset and needs CUDA; run without --full on CPU")
+    from metattt.cli import parse_recipe
+
+    _, r = parse_recipe(["eval", "--config", config])
+    if full:
+        tcfg, layers, S, dtype = QWEN3_4B, 5, 16, torch.bfloat16
+        B, T, ctx, anchors, lengths, reps = 1, 2048, 1024, 256, [256, 1024, 4096], 5
+        ks, ctxs = [1, 2, 4], [512, 1024, 1536]
+    else:
+        t = r.tiny_target
+        tcfg = dict(model_type="qwen3", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                    intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                    num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+                    max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=True)
+        layers, S, dtype = r.drafter.num_hidden_layers, r.drafter.block_size, torch.float32
+        B, T, ctx, anchors, lengths, reps = 2, 256, 128, r.meta.inner_anchors, [256, 1024], 3
+        ks, ctxs = [1, 2, 4], [64, 128, 192]
+    torch.manual_seed(0)
+    target, model = build_models(tcfg, layers, S, dtype, device)
+    batch = _batch(tcfg["vocab_size"], B, T, device)
+    k = r.meta.inner_steps
+    results: dict = {
+        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+                    "torch": torch.__version__, "preset": "full" if full else "quick"},
+        "setup": {"target": {k2: tcfg[k2] for k2 in ("hidden_size", "num_hidden_layers", "vocab_size")},
+                  "drafter_layers": layers, "block_size": S, "dtype": str(dtype), "batch": B, "seq_len": T,
+                  "context_len": ctx, "inner_steps": k, "anchors": anchors},
+    }
+    log.info("bench: meta-step costs")
+    results["meta_step"] = step_costs(target, model, batch, ctx, k, anchors, ("maml", "fomaml", "reptile"), reps)
+    log.info("bench: TTT vs prefill")
+    lengths = [n for n in lengths if n <= tcfg["max_position_embeddings"]]
+    results["ttt_prefill"] = ttt_prefill_costs(target, model, lengths, 5, anchors, reps)
+    log.info("bench: scaling")
+    results["scaling"] = {
+        "by_context": [{"context_len": c, **{a: v["step_ratio"] for a, v in step_costs(
+            target, model, batch, c, k, anchors, ("maml",), reps).items() if isinstance(v, dict)}} for c in ctxs],
+        "by_k": [{"k": kk, **{a: v["step_ratio"] for a, v in step_costs(
+            target, model, batch, ctx, kk, anchors, ("maml", "fomaml"), reps).items() if isinstance(v, dict)}}
+            for kk in ks],
+    }
+    del target, model
+    if not skip_tau and not full:
+        log.info("bench: τ on the recipe (eval stage)")
+        results["tau"] = tau_section(config, quick=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    print(format_tables(results))
+    return results
+
+
+def _f(x, spec=".2f") -> str:
+    return "—" if x is None or x != x else format(x, spec)
+
+
+def format_tables(res: dict) -> str:
+    lines = [f"Machine: {res['machine']['device']}, torch {res['machine']['torch']}, preset {res['machine']['preset']}",
+             f"Setup: {json.dumps(res['setup'])}", "",
+             "| meta step (k inner steps) | step time ÷ distill step | peak memory ÷ distill step |", "|---|---|---|"]
+    for algo in ("maml", "fomaml", "reptile"):
+        v = res["meta_step"][algo]
+        lines.append(f"| {algo} | {_f(v['step_ratio'])} | {_f(v['mem_ratio'])} |")
+    lines += ["", "| prompt tokens | 5 TTT steps ÷ target prefill |", "|---|---|"]
+    for row in res["ttt_prefill"]:
+        lines.append(f"| {row['prompt_len']} | {_f(row['ttt_over_prefill'])} |")
+    lines += ["", "| context tokens | maml step ÷ distill step |", "|---|---|"]
+    for row in res["scaling"]["by_context"]:
+        lines.append(f"| {row['context_len']} | {_f(row['maml'])} |")
+    lines += ["", "| inner steps k | maml ÷ distill | fomaml ÷ distill |", "|---|---|---|"]
+    for row in res["scaling"]["by_k"]:
+        lines.append(f"| {row['k']} | {_f(row['maml'])} | {_f(row['fomaml'])} |")
+    if "tau" in res:
+        lines += ["", "| split | condition | τ | ± s.e. | n | speedup | speedup ÷ τ |", "|---|---|---|---|---|---|---|"]
+        for split, conds in res["tau"]["summary"].items():
+            for cond, s in conds.items():
+                if cond == "target":
+                    continue
+                lines.append(f"| {split} | {cond} | {_f(s.get('tau'))} | {_f(s.get('tau_stderr'))} | {s['n']} | "
+                             f"{_f(s.get('speedup'))} | {_f(s.get('speedup_over_tau'))} |")
+        q = res["tau"].get("target_quality") or {}
+        if q:
+            lines += ["", f"Tiny target: held-out loss {_f(q.get('val_loss'))} (in-domain), "
+                          f"{_f(q.get('shifted_loss'))} (shifted); distinct-2/4 of greedy continuations "
+                          f"{_f(q.get('distinct_2'))}/{_f(q.get('distinct_4'))}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="recipes/tiny.yaml", help="recipe YAML")
+    p.add_argument("--full", action="store_true", help="GPU preset (Qwen3-4B-sized random model)")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results.json, "
+                   "bench/results_gpu.json with --full)")
+    p.add_argument("--skip-tau", action="store_true", help="costs only (no eval stage)")
+    a = p.parse_args(argv)
+    out = a.out or Path("bench/results_gpu.json" if a.full else "bench/results.json")
+    run(a.config, a.full, out, a.skip_tau)
+
+
+if __name__ == "__main__":
+    main()

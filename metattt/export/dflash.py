@@ -1,0 +1,340 @@
+"""DFlash checkpoint layout: import released drafters, export ours so that DFlash / SGLang load them.
+
+A DFlash drafter folder is a Qwen3-style `config.json` (`architectures: ["DFlashDraftModel"]`,
+`block_size`, `num_target_layers`, `dflash_config: {mask_token_id, target_layer_ids}`) plus
+safetensors weights with unprefixed names (`fc.weight`, `hidden_norm.weight`, `layers.*`,
+`norm.weight`). Released checkpoints vary in what else they carry, and import copes with it:
+
+* weights in one `model.safetensors`, or sharded as `model-0000x-of-0000y.safetensors` with a
+  `model.safetensors.index.json` (only the files the index names are read);
+* bf16 (or any float) weights: the drafter is built in the weights' dtype;
+* extra config keys (`rope_scaling`, `rope_parameters`, `torch_dtype`/`dtype`, `layer_types`,
+  `use_sliding_window`, `transformers_version`, ...): kept verbatim and written back on export;
+* `block_size` at the top level or as `dflash_config.block_size` (DFlash reads the latter first);
+  `rope_theta` at the top level or in `rope_parameters` (transformers 5); a missing `head_dim`
+  or `num_key_value_heads` is derived as transformers derives it;
+* weight names with a `model.` / `drafter.` prefix, and copies of the target's `embed_tokens` /
+  `lm_head` (the drafter borrows the target's, so they are dropped).
+
+What import refuses, loudly, instead of silently computing something else: DFlash variants with
+other layers (`DFlash2DraftModel`: dynamic convolutions, candidate selector), causal or
+sliding-window drafter layers, logit scaling / soft-capping, and activations other than SiLU.
+RoPE scaling (`rope_type` other than default, e.g. Llama-3.1's `llama3`) is kept in the config
+but not applied by the block drafter: import warns.
+
+Export writes the same layout, optionally cast (`dtype="bfloat16"` as released drafters are) and
+sharded (`max_shard_bytes`), and keeps the config keys an imported drafter came with, so
+import → export is a byte-identical round trip on tensors and an equal one on config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+ARCHITECTURE = "DFlashDraftModel"
+
+#: Weights a drafter folder may carry that the block drafter takes from the target instead.
+BORROWED_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
+#: Name prefixes that wrappers add (a transformers `model.` base, a Lightning `drafter.` attribute).
+_PREFIXES = ("model.", "drafter.", "draft_model.")
+#: dflash_config keys of DFlash variants whose layers this drafter does not implement, with the
+#: value that means "feature off".
+_UNSUPPORTED_DFLASH_KEYS = {
+    "output_multiplier": 1.0,
+    "final_logit_softcapping": None,
+    "input_embedding_scale": 1.0,
+    "conv_kernel_size": None,
+    "conv_group_size": None,
+    "selector_rank": None,
+    "selector_top_k": None,
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------
+# config.json <-> DrafterConfig
+# --------------------------------------------------------------------------------------------
+
+
+def check_supported(config: dict, source: str = "config.json") -> None:
+    """Raise for DFlash variants whose computation the block drafter does not reproduce; warn for
+    settings it ignores."""
+    archs = config.get("architectures") or [ARCHITECTURE]
+    if any(a != ARCHITECTURE for a in archs):
+        raise ValueError(f"{source}: architectures {archs} is not {ARCHITECTURE!r}; only the DFlash block "
+                         "drafter (Qwen3-style layers with KV injection) can be imported")
+    dflash = config.get("dflash_config") or {}
+    used = {k: dflash.get(k, config.get(k)) for k in _UNSUPPORTED_DFLASH_KEYS}
+    used = {k: v for k, v in used.items() if v is not None and v != _UNSUPPORTED_DFLASH_KEYS[k]}
+    if used:
+        raise ValueError(f"{source}: uses DFlash features the block drafter does not implement: {used}")
+    layer_types = config.get("layer_types") or []
+    if config.get("is_causal") or any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"{source}: causal / sliding-window drafter layers (layer_types={layer_types}, "
+                         f"is_causal={config.get('is_causal')}) are not supported; the block drafter attends "
+                         "bidirectionally inside a block")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act={config['hidden_act']!r}; the block drafter's MLP is SiLU-gated")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", None):
+            log.warning("%s: %s has rope_type %r, which the block drafter does not apply (plain RoPE with "
+                        "rope_theta); it is kept in config.json on export", source, key, kind)
+
+
+def _derived(d: dict, dflash: dict, name: str, cls_defaults: dict):
+    """What a field reads back as when config.json lacks it (mirrors `config_from_dflash`)."""
+    if name == "head_dim":
+        return d["hidden_size"] // d["num_attention_heads"]
+    if name == "num_key_value_heads":
+        return d["num_attention_heads"]
+    if name == "block_size":
+        return dflash.get("block_size", cls_defaults["block_size"])
+    if name == "rope_theta":
+        rope = d.get("rope_parameters") or {}
+        return float(rope.get("rope_theta", cls_defaults["rope_theta"]))
+    if name == "num_target_layers":
+        return max(dflash["target_layer_ids"]) + 4
+    return cls_defaults.get(name)
+
+
+def config_from_dflash(d: dict):
+    """A DFlash `config.json` dict → DrafterConfig (unknown keys kept in `extra`)."""
+    from dataclasses import MISSING, fields
+
+    from metattt.models.drafter import DrafterConfig
+
+    d = dict(d)
+    dflash = dict(d.pop("dflash_config", None) or {})
+    if "mask_token_id" not in dflash or "target_layer_ids" not in dflash:
+        raise ValueError("config.json has no dflash_config.mask_token_id / target_layer_ids: not a DFlash drafter")
+    for key in ("hidden_size", "vocab_size", "num_attention_heads"):
+        if key not in d:
+            raise ValueError(f"config.json lacks {key!r}")
+    fixed = {"extra", "mask_token_id", "target_layer_ids", "source_keys", "attn_implementation"}
+    defaults = {f.name: f.default for f in fields(DrafterConfig) if f.default is not MISSING}
+    source_keys = list(d)
+    kwargs = {}
+    for f in fields(DrafterConfig):
+        if f.name in fixed:
+            continue
+        value = d.pop(f.name, None)
+        if f.name == "block_size" and "block_size" in dflash:
+            value = dflash["block_size"]  # DFlash reads dflash_config first
+        if value is None:
+            if f.name not in defaults and f.name not in ("head_dim", "num_key_value_heads", "num_target_layers"):
+                raise ValueError(f"config.json lacks {f.name!r}")
+            value = _derived({**d, **kwargs}, dflash, f.name, defaults)
+        kwargs[f.name] = value
+    kwargs["rope_theta"] = float(kwargs["rope_theta"])
+    dflash_extra = {k: v for k, v in dflash.items() if k not in ("mask_token_id", "target_layer_ids")}
+    extra = dict(d)
+    if dflash_extra:
+        extra["dflash_config"] = dflash_extra
+    return DrafterConfig(mask_token_id=int(dflash["mask_token_id"]),
+                         target_layer_ids=[int(i) for i in dflash["target_layer_ids"]],
+                         extra=extra, source_keys=source_keys, **kwargs)
+
+
+def config_to_dflash(cfg, dtype: torch.dtype | None = None) -> dict:
+    """DrafterConfig → DFlash `config.json` dict.
+
+    A drafter built here writes every field. One imported from a DFlash folder writes back the keys
+    it was read from (a field the file lacked is written only if its value no longer equals what
+    reading would derive), in the places it found them (`rope_parameters.rope_theta`,
+    `dflash_config.block_size`), so an import → export round trip gives an equal config.json.
+    `dtype`: the dtype of the exported weights; updates `torch_dtype`/`dtype` where present.
+    """
+    from dataclasses import MISSING, fields
+
+    extra = json.loads(json.dumps(cfg.extra))  # deep copy
+    dflash = dict(extra.pop("dflash_config", None) or {})
+    source = set(cfg.source_keys) if cfg.source_keys is not None else None
+    fixed = {"extra", "mask_token_id", "target_layer_ids", "source_keys", "attn_implementation"}
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in fixed}
+
+    out: dict = {"architectures": [ARCHITECTURE], "model_type": "qwen3"}
+    out.update(extra)
+    if "block_size" in dflash:
+        dflash["block_size"] = cfg.block_size
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        rope["rope_theta"] = _same_type(rope["rope_theta"], cfg.rope_theta)
+    probe = {**values, "rope_parameters": rope}
+    for name, value in values.items():
+        if source is not None and name not in source:
+            # written only if reading the file back without it would give another value
+            derived = _derived(probe, {**dflash, "mask_token_id": cfg.mask_token_id,
+                                       "target_layer_ids": cfg.target_layer_ids}, name, defaults)
+            if derived == value:
+                continue
+        out[name] = value
+    out["dflash_config"] = {**dflash, "mask_token_id": cfg.mask_token_id,
+                            "target_layer_ids": list(cfg.target_layer_ids)}
+    if dtype is not None:
+        name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        present = [k for k in ("torch_dtype", "dtype") if k in out]
+        for k in present or ["torch_dtype"]:
+            out[k] = name
+    if source is not None:  # keep the source file's key order for the keys it had
+        order = [k for k in cfg.source_keys if k in out] + [k for k in out if k not in source]
+        out = {k: out[k] for k in order}
+    return out
+
+
+def _same_type(old, new):
+    return int(new) if isinstance(old, int) and float(new).is_integer() else new
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a drafter folder: the index's shards, or model.safetensors, or
+    (older exports) every `*.safetensors` but peft adapters."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not in {path}: {missing}")
+        if not files:
+            raise ValueError(f"{index} has an empty weight_map")
+        return files
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("adapter_"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def load_dflash_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Drafter weights by their unprefixed names, as stored (dtype unchanged)."""
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
+                state[k] = sf.get_tensor(k)
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            break
+    dropped = [k for k in state if k in BORROWED_WEIGHTS]
+    if dropped:
+        log.info("%s: ignoring %s (the drafter borrows the target's embedding and head)", path, dropped)
+        for k in dropped:
+            del state[k]
+    return state
+
+
+def import_dflash(path: str | Path, attn_implementation: str = "sdpa", strict: bool = True,
+                  dtype: str | torch.dtype | None = None):
+    """Load a DFlash-layout drafter folder (e.g. a released one) as a BlockDrafter.
+
+    The drafter is built in the dtype of its weights unless `dtype` is given. Attach the target
+    (`drafter.attach_target(target)`) before running it.
+    """
+    from metattt.models.drafter import BlockDrafter
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"no drafter at {path}: expected config.json + *.safetensors")
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    check_supported(raw, str(path / CONFIG_NAME))
+    config = config_from_dflash(raw)
+    config.attn_implementation = attn_implementation
+    state = load_dflash_state_dict(path)
+    model = BlockDrafter(config)
+    expected = model.state_dict()
+    bad_shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+                  if k in expected and v.shape != expected[k].shape}
+    if bad_shapes:
+        raise ValueError(f"drafter weights in {path} do not fit its config.json (file, config): {bad_shapes}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(f"drafter weights in {path} do not match its config: missing {missing}, "
+                         f"unexpected {unexpected}")
+    float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    target_dtype = to_dtype(dtype) or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
+    return model.to(target_dtype)
+
+
+def export_dflash(drafter, path: str | Path, dtype: str | torch.dtype | None = None,
+                  max_shard_bytes: int | None = None) -> Path:
+    """Write `drafter` (a BlockDrafter, or a peft model around one: its base weights) in DFlash
+    layout, atomically. `dtype`: cast the weights (e.g. "bfloat16"); `max_shard_bytes`: split into
+    `model-0000x-of-0000y.safetensors` + `model.safetensors.index.json` past that size."""
+    from metattt.utils import atomic_dir
+
+    base = drafter.get_base_model() if hasattr(drafter, "get_base_model") else drafter
+    cast = to_dtype(dtype)
+    state = {}
+    for k, v in base.state_dict().items():
+        v = v.detach()
+        if cast is not None and v.is_floating_point():
+            v = v.to(cast)
+        state[k] = v.contiguous().cpu()
+    if any("lora_" in k for k in state):
+        raise ValueError("the drafter still carries LoRA tensors: merge them (merge_and_unload) or export the base")
+    float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    saved_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
+    config = config_to_dflash(base.config, dtype=saved_dtype)
+    shards = _shard(state, max_shard_bytes)
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards

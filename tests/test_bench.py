@@ -1,0 +1,52 @@
+"""Benchmark plumbing on tiny random models (the numbers themselves come from `make bench`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from conftest import qwen3_config
+
+from metattt.bench import build_models, format_tables, step_costs, ttt_prefill_costs
+
+
+def _tiny():
+    cfg = qwen3_config().to_dict()
+    return build_models(cfg, num_layers=2, block_size=4, dtype=torch.float32, device=torch.device("cpu"), lora_r=4)
+
+
+def test_step_costs_measure_every_algorithm_and_second_order_keeps_more_memory():
+    target, model = _tiny()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 96, (2, 48), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    res = step_costs(target, model, batch, context_len=24, inner_steps=2, anchors=8,
+                     algorithms=("maml", "fomaml", "reptile"), reps=1)
+    for algo in ("maml", "fomaml", "reptile"):
+        assert res[algo]["step_ratio"] > 0 and res[algo]["mem_ratio"] > 0
+    # second order keeps every inner step's graph alive for the outer backward
+    assert res["maml"]["mem_ratio"] > res["fomaml"]["mem_ratio"]
+
+
+def test_ttt_prefill_rows_and_tables(tmp_path):
+    target, model = _tiny()
+    rows = ttt_prefill_costs(target, model, [32, 64], steps=2, anchors=4, reps=1)
+    assert [r["prompt_len"] for r in rows] == [32, 64] and all(r["ttt_over_prefill"] > 0 for r in rows)
+    res = {"machine": {"device": "cpu", "torch": torch.__version__, "preset": "quick"}, "setup": {},
+           "meta_step": {a: {"step_ratio": 2.0, "mem_ratio": 3.0} for a in ("maml", "fomaml", "reptile")},
+           "ttt_prefill": rows, "scaling": {"by_context": [{"context_len": 8, "maml": 2.5}],
+                                            "by_k": [{"k": 1, "maml": 2.0, "fomaml": 1.5}]}}
+    text = format_tables(res)
+    assert "| maml | 2.00 | 3.00 |" in text and "| 32 |" in text
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text(json.dumps(res))
+    (tmp_path / "README.md").write_text("# x\n")
+    spec = importlib.util.spec_from_file_location("readme_results", Path("scripts/readme_results.py"))
+    readme_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_results)
+    readme_results.main(tmp_path)
+    readme_results.main(tmp_path)  # idempotent: the section is replaced, not appended again
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.count("<!-- results:begin -->") == 1 and "| maml | 2.00 | 3.00 |" in readme
