@@ -388,7 +388,12 @@ class TinyTargetConfig:
     seed: int = 0
     """Seeds initialisation, batch order and the corpus split."""
     threads: int = 2
-    """torch intra-op threads during training and evaluation."""
+    """torch intra-op threads during training and evaluation (the most used; see ``adapt_threads``)."""
+    adapt_threads: bool = True
+    """In time-budgeted runs, re-check every 30 s whether 1 thread steps faster than ``threads``
+    and keep the faster. On a CPU shared with other jobs, spinning OpenMP workers make 2 threads
+    several times slower than 1 (measured: 0.45 s/step alone; 2.4-4 s/step with 2 threads and
+    0.95 s/step with 1 beside one other busy process)."""
 
     # --- evaluation ---
     eval_max_tokens: int = 65_536
@@ -477,6 +482,49 @@ def _progress(steps_done: int, elapsed_s: float, cfg: TinyTargetConfig) -> float
             by_time = min(by_time, steps_done / cfg.min_steps)
         progress = max(progress, by_time)
     return progress
+
+
+class _ThreadTuner:
+    """Keeps whichever of ``threads`` and 1 intra-op threads makes training steps faster.
+
+    Every ``interval_s`` the next ``probe_steps`` real training steps run with the other thread
+    count; if they were faster than the last ``probe_steps`` steps, the tuner switches. No step
+    is wasted, and a run adapts when a neighbour starts or stops competing for the cores.
+    """
+
+    def __init__(self, threads: int, enabled: bool, interval_s: float = 30.0, probe_steps: int = 3):
+        self.current = max(1, threads)
+        self.options = [self.current, 1] if enabled and self.current > 1 else [self.current]
+        self.interval_s, self.probe_steps = interval_s, probe_steps
+        self.recent: list[float] = []  # step times at the current count
+        self.probe: tuple[int, list[float]] | None = None
+        self.next_probe = time.perf_counter() + interval_s
+        self.steps_at: dict[int, int] = {}
+        torch.set_num_threads(self.current)
+
+    def record(self, step_time: float) -> None:
+        """Account one finished step; maybe start or conclude a probe."""
+        now_threads = self.probe[0] if self.probe else self.current
+        self.steps_at[now_threads] = self.steps_at.get(now_threads, 0) + 1
+        if len(self.options) == 1:
+            return
+        if self.probe is None:
+            self.recent = (self.recent + [step_time])[-self.probe_steps :]
+            if time.perf_counter() >= self.next_probe and len(self.recent) == self.probe_steps:
+                other = next(t for t in self.options if t != self.current)
+                self.probe = (other, [])
+                torch.set_num_threads(other)
+            return
+        other, times = self.probe
+        times.append(step_time)
+        if len(times) < self.probe_steps:
+            return
+        if sum(times) < sum(self.recent):
+            log.info("%d thread(s) step faster than %d now: switching", other, self.current)
+            self.current, self.recent = other, times
+        torch.set_num_threads(self.current)
+        self.probe = None
+        self.next_probe = time.perf_counter() + self.interval_s
 
 
 def _lr_factor(progress: float, cfg: TinyTargetConfig) -> float:
@@ -589,7 +637,7 @@ def train_target(
     tokenizer = _load_tokenizer(tokenizer)
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, cfg.threads))
+    torch.set_num_threads(max(1, cfg.threads))  # tokenization and setup; the tuner takes over below
     try:
         cache_dir = out_dir.parent / "cache"
         train_ids = _cached_token_ids(corpus_dir / "train.jsonl", tokenizer, cache_dir)
@@ -633,6 +681,9 @@ def train_target(
         loss_curve: list[tuple[int, float]] = []
         log_every = max(1, cfg.max_steps // 100)
         step, progress = 0, 0.0
+        # Thread-count changes alter float reduction order: only adapt in (already non-deterministic)
+        # time-budgeted runs.
+        tuner = _ThreadTuner(cfg.threads, enabled=cfg.adapt_threads and bool(cfg.time_budget_s))
         t_train = time.perf_counter()
         bar = tqdm(total=cfg.max_steps, desc="tiny target", unit="step", dynamic_ncols=True, mininterval=2.0)
         while progress < 1.0:
@@ -642,7 +693,8 @@ def train_target(
             cursor += cfg.batch_size
 
             # Progress of this step (counted as done, so step 0 does not get lr = 0).
-            lr_progress = _progress(step + 1, time.perf_counter() - t_train, cfg)
+            t_step = time.perf_counter()
+            lr_progress = _progress(step + 1, t_step - t_train, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(lr_progress, cfg)
 
@@ -653,6 +705,7 @@ def train_target(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             step += 1
+            tuner.record(time.perf_counter() - t_step)
 
             losses.append(loss.item())
             if step % log_every == 0 or step == 1:  # ~100 points: enough to see a plateau
@@ -707,7 +760,7 @@ def train_target(
             "loss_curve": loss_curve,
             "config": dataclasses.asdict(cfg),
             "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+            "steps_per_thread_count": tuner.steps_at,
         }
 
         # Atomic publish: write everything into a sibling temp folder, then swap it in.

@@ -83,3 +83,24 @@ def test_no_leakage_across_requests(tiny_target, tiny_drafter):
         assert torch.equal(p, meta[n])
     ttt = [r for r in alone if r["condition"] == "ttt_meta"][0]
     assert len(ttt["ttt_losses"]) == 3 and ttt["ttt_losses"][-1] < ttt["ttt_losses"][0]
+
+
+def test_two_processes_give_the_same_tau_as_one(workspace, tmp_path):
+    """DDP (gloo, 2 CPU processes) shards the prompts; τ and every per-prompt record match 1 process."""
+    from launch import run_metattt
+
+    args = _eval_args(workspace, tmp_path, "--eval.grid_steps=null")
+    main(["meta-train", *args])
+    run_metattt("eval", args)
+    one = json.loads((tmp_path / "t" / "eval" / "report.json").read_text())
+    run_metattt("eval", args, devices=2)
+    two = json.loads((tmp_path / "t" / "eval" / "report.json").read_text())
+    assert one["meta"]["world_size"] == 1 and two["meta"]["world_size"] == 2
+    for split, conds in one["summary"].items():
+        for cond, s in conds.items():
+            if cond != "target":
+                assert two["summary"][split][cond]["tau"] == s["tau"], (split, cond)
+                assert two["summary"][split][cond]["n"] == s["n"] == 2
+    key = ("split", "prompt", "condition", "accepted")
+    assert sorted(tuple(str(r[k]) for k in key) for r in one["records"]) == \
+        sorted(tuple(str(r[k]) for k in key) for r in two["records"])

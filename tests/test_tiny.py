@@ -185,6 +185,26 @@ def test_progress_ends_on_time_on_steps_or_at_the_step_floor():
     assert tiny._progress(15, 1e9, strict) == pytest.approx(0.5)
 
 
+def test_thread_tuner_switches_to_the_faster_thread_count():
+    before = torch.get_num_threads()
+    try:
+        tuner = tiny._ThreadTuner(2, enabled=True, interval_s=0.0, probe_steps=2)
+        assert torch.get_num_threads() == 2
+        for t in (1.0, 1.0):  # two steps at 2 threads, then a probe starts
+            tuner.record(t)
+        assert torch.get_num_threads() == 1
+        for t in (0.3, 0.3):  # the probe at 1 thread is faster: keep it
+            tuner.record(t)
+        assert tuner.current == 1 and torch.get_num_threads() == 1
+        assert tuner.steps_at == {2: 2, 1: 2}
+        fixed = tiny._ThreadTuner(2, enabled=False, interval_s=0.0, probe_steps=2)
+        for t in (1.0, 1.0, 1.0):
+            fixed.record(t)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_distinct_n():
     assert tiny.distinct_n([1, 2, 3, 4], 2) == 1.0
     assert tiny.distinct_n([7] * 10, 2) == pytest.approx(1 / 9)

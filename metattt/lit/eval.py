@@ -62,6 +62,7 @@ class EvalModule(L.LightningModule):
             records = [r for part in gathered for r in part]
         if self.trainer.is_global_zero:
             records.sort(key=lambda r: (r["split"], r["prompt"]))
+            self.meta["world_size"] = self.trainer.world_size
             self.summary = write_report(records, self.out_dir, self.meta)
             logger = self.logger
             if logger is not None and hasattr(logger, "experiment"):
