@@ -183,28 +183,35 @@ def ttt_prefill_costs(target, model, lengths: list[int], steps: int, anchors: in
     return rows
 
 
-def tau_section(config: str, quick: bool) -> dict:
-    """Run the eval stage of the recipe (meta-training and distilling first where missing)."""
+def tau_section(config: str, reuse: bool) -> dict:
+    """τ from the eval stage of the recipe (meta-training and distilling first where missing).
+
+    reuse: take `{out}/eval/report.json` when it is newer than the meta-learned adapter (its
+    speedups were measured side by side within that eval run) instead of evaluating again.
+    """
     from metattt import pipeline
     from metattt.cli import parse_recipe
 
-    extra = ["--eval.num_prompts=8", "--trainer.enable_progress_bar=false"] if quick else []
-    _, r = parse_recipe(["eval", "--config", config, *extra])
+    _, r = parse_recipe(["eval", "--config", config, "--trainer.enable_progress_bar=false"])
     meta_dir = r.run.out_dir / "meta_lora"
+    report_path = r.run.out_dir / "eval" / "report.json"
     if not (meta_dir / "adapter_config.json").is_file():
         from metattt.cli import _section_dict
 
         pipeline.run_meta_train(r.run, r.target, r.drafter, r.lora, _section_dict(r.data), r.trainer, r.distill,
                                 r.meta, tiny_config=r.tiny_target)
-    summary = pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval, tiny_config=r.tiny_target)
-    report = json.loads((r.run.out_dir / "eval" / "report.json").read_text())
+    fresh = report_path.is_file() and report_path.stat().st_mtime > (meta_dir / "adapter_config.json").stat().st_mtime
+    if not (reuse and fresh):
+        pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval, tiny_config=r.tiny_target)
+    report = json.loads(report_path.read_text())
+    summary = report["summary"]
     target_report = Path(r.target.path) / "tiny_target_report.json"
     quality = json.loads(target_report.read_text()) if target_report.is_file() else {}
     return {"summary": summary, "meta": report["meta"],
             "target_quality": {k: quality.get(k) for k in ("val_loss", "shifted_loss", "distinct_2", "distinct_4")}}
 
 
-def run(config: str, full: bool, out: Path, skip_tau: bool = False) -> dict:
+def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bool = True) -> dict:
     device = torch.device("cuda" if full and torch.cuda.is_available() else "cpu")
     if full and device.type != "cuda":
         raise RuntimeError("--full is the GPU preset and needs CUDA; run without --full on CPU")
@@ -251,7 +258,7 @@ def run(config: str, full: bool, out: Path, skip_tau: bool = False) -> dict:
     del target, model
     if not skip_tau and not full:
         log.info("bench: τ on the recipe (eval stage)")
-        results["tau"] = tau_section(config, quick=True)
+        results["tau"] = tau_section(config, reuse=reuse_eval)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     print(format_tables(results))
@@ -302,9 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results.json, "
                    "bench/results_gpu.json with --full)")
     p.add_argument("--skip-tau", action="store_true", help="costs only (no eval stage)")
+    p.add_argument("--fresh-eval", action="store_true", help="evaluate again even if a newer eval report exists")
     a = p.parse_args(argv)
     out = a.out or Path("bench/results_gpu.json" if a.full else "bench/results.json")
-    run(a.config, a.full, out, a.skip_tau)
+    run(a.config, a.full, out, a.skip_tau, reuse_eval=not a.fresh_eval)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metattt.models.drafter import MLP, ContextCache, DrafterConfig, RMSNorm, apply_rotary, rotary_cos_sin
+from metattt.models.drafter import (
+    MLP,
+    ContextCache,
+    DrafterConfig,
+    RMSNorm,
+    TargetFeatureReader,
+    apply_rotary,
+    rotary_cos_sin,
+)
 
 ARCHITECTURE = "ARCrossAttnDraftModel"
 KIND = "autoregressive"
@@ -277,7 +285,9 @@ class ChainCache:
 # --- the drafter ----------------------------------------------------------------------------
 
 
-class ARDrafter(nn.Module):
+class ARDrafter(TargetFeatureReader):
+    context_attention = "cross_attn"  # target features enter through cross-attention
+
     default_lora_targets = DEFAULT_LORA_TARGETS
 
     def __init__(self, config: ARDrafterConfig):
@@ -299,45 +309,6 @@ class ARDrafter(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-
-    # --- the target's frozen embedding and head, borrowed, never saved ---------------------
-    def attach_target(self, target) -> ARDrafter:
-        """Borrow `target.embed_tokens` and `target.lm_head` (outside this module's parameters and
-        state dict: neither trained nor exported)."""
-        self._shared = (target.embed_tokens, target.lm_head)
-        return self
-
-    def _require_shared(self) -> tuple[nn.Module, nn.Module]:
-        if self._shared is None:
-            raise RuntimeError("drafter has no embedding/lm_head: call drafter.attach_target(target) first")
-        return self._shared
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._require_shared()[0](ids)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._require_shared()[1](hidden)
-
-    # --- context: the cross-attention keys/values, same cache as the block drafter's ---------
-    def project_context(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, n·H) raw target features -> (B, C, H)."""
-        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
-
-    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        ctx = self.project_context(features)  # (B, C, H)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, ctx.dtype)
-        return [layer.cross_attn.context_kv(ctx, cos, sin) for layer in self.layers]
-
-    def extend_cache(self, cache: ContextCache | None, features: torch.Tensor) -> ContextCache:
-        """Append target features of newly committed positions (B, c, n·H) to the cache."""
-        start = 0 if cache is None else cache.length
-        B, c, _ = features.shape
-        positions = torch.arange(start, start + c, device=features.device).expand(B, c)
-        new = self.context_kv(features, positions)
-        if cache is None:
-            return ContextCache(kv=new, length=c)
-        kv = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache.kv, new)]
-        return ContextCache(kv=kv, length=start + c)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(

@@ -256,29 +256,15 @@ class ContextCache:
     length: int
 
 
-class BlockDrafter(nn.Module):
-    def __init__(self, config: DrafterConfig):
-        super().__init__()
-        self.config = config
-        H = config.hidden_size
-        self.fc = nn.Linear(config.num_features * H, H, bias=False)
-        self.hidden_norm = RMSNorm(H, config.rms_norm_eps)
-        self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(H, config.rms_norm_eps)
-        self._shared: tuple[nn.Module, nn.Module] | None = None  # target's (embed_tokens, lm_head)
-        self.reset_parameters()
+class TargetFeatureReader(nn.Module):
+    """What every drafter kind shares: the target's borrowed embedding and lm_head, and the
+    reader that turns target features into per-layer context keys/values (`fc` + `hidden_norm`,
+    then each layer's context attention). Subclasses name that attention in `context_attention`."""
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+    context_attention = "self_attn"  # attribute of each layer whose `context_kv` reads the features
 
     # --- the target's frozen embedding and head, borrowed, never saved ---------------------
-    def attach_target(self, target) -> BlockDrafter:
+    def attach_target(self, target):
         """Borrow `target.embed_tokens` and `target.lm_head` (kept outside this module's
         parameters and state dict, so they are neither trained nor exported)."""
         self._shared = (target.embed_tokens, target.lm_head)
@@ -303,7 +289,7 @@ class BlockDrafter(nn.Module):
     def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         ctx = self.project_context(features)  # (B, C, H)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, ctx.dtype)
-        return [layer.self_attn.context_kv(ctx, cos, sin) for layer in self.layers]
+        return [getattr(layer, self.context_attention).context_kv(ctx, cos, sin) for layer in self.layers]
 
     def extend_cache(self, cache: ContextCache | None, features: torch.Tensor) -> ContextCache:
         """Append target features of newly committed positions (B, c, n·H) to the cache."""
@@ -315,6 +301,28 @@ class BlockDrafter(nn.Module):
             return ContextCache(kv=new, length=c)
         kv = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache.kv, new)]
         return ContextCache(kv=kv, length=start + c)
+
+
+class BlockDrafter(TargetFeatureReader):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.fc = nn.Linear(config.num_features * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self._shared: tuple[nn.Module, nn.Module] | None = None  # target's (embed_tokens, lm_head)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(
