@@ -8,6 +8,7 @@ Sections (all written to bench/results.json, then printed as tables):
                 step on the same tokens; peak-memory ratio (CUDA allocator peak on GPU, bytes
                 of tensors saved for backward on CPU)
   ttt_prefill   k TTT steps ÷ the target's prefill of the same prompt, by prompt length
+  draft_cost    drafting one block: block drafter vs autoregressive drafter (same widths)
   scaling       maml step ÷ distill step by context length and by k
   tau           the eval stage on the recipe: τ ± s.e. for static / TTT-zero / TTT-meta per split,
                 wall-clock speedup over target-only decoding and speedup ÷ τ
@@ -183,6 +184,44 @@ def ttt_prefill_costs(target, model, lengths: list[int], steps: int, anchors: in
     return rows
 
 
+def draft_costs(target, num_layers: int, block_size: int, context_len: int, reps: int) -> dict:
+    """Seconds to draft one block with each drafter kind (same widths), timed alternately, plus
+    one target verification forward of the block for scale."""
+    from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig
+    from metattt.spec.decode import _draft, _draft_autoregressive
+
+    device = next(target.parameters()).device
+    dtype = next(target.parameters()).dtype
+    kw = dict(mask_token_id=1, target_layer_ids=target.layer_ids, num_hidden_layers=num_layers,
+              block_size=block_size)
+    drafters = {
+        "block": (BlockDrafter(DrafterConfig.from_target(target.config, **kw)), _draft),
+        "autoregressive": (ARDrafter(ARDrafterConfig.from_target(target.config, **kw)), _draft_autoregressive),
+    }
+    ids = _batch(target.config.vocab_size, 1, context_len + block_size, device)["input_ids"]
+    feats = target(ids[:, :context_len], return_logits=False).features
+    runs = {}
+    for name, (drafter, draft) in drafters.items():
+        drafter = drafter.to(device=device, dtype=dtype).attach_target(target).eval()
+        ctx = drafter.extend_cache(None, feats)
+        runs[name] = (lambda d=drafter, f=draft, c=ctx: f(d, 5, context_len, c, 0.0, 1.0, None, False, device))
+    runs["target_verify"] = lambda: target(ids[:, :block_size], return_logits=True)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for name, fn in runs.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+    out = {name: statistics.median(t) for name, t in times.items()}
+    out["autoregressive_over_block"] = out["autoregressive"] / out["block"]
+    return out
+
+
 def tau_section(config: str, reuse: bool) -> dict:
     """τ from the eval stage of the recipe (meta-training and distilling first where missing).
 
@@ -247,6 +286,8 @@ def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: 
     log.info("bench: TTT vs prefill")
     lengths = [n for n in lengths if n <= tcfg["max_position_embeddings"]]
     results["ttt_prefill"] = ttt_prefill_costs(target, model, lengths, 5, anchors, reps)
+    log.info("bench: drafting cost per block, both drafter kinds")
+    results["draft_cost"] = draft_costs(target, layers, S, ctx, reps=max(5, reps * 3))
     log.info("bench: scaling")
     results["scaling"] = {
         "by_context": [{"context_len": c, **{a: v["step_ratio"] for a, v in step_costs(
@@ -279,6 +320,14 @@ def format_tables(res: dict) -> str:
     lines += ["", "| prompt tokens | 5 TTT steps ÷ target prefill |", "|---|---|"]
     for row in res["ttt_prefill"]:
         lines.append(f"| {row['prompt_len']} | {_f(row['ttt_over_prefill'])} |")
+    if "draft_cost" in res:
+        d = res["draft_cost"]
+        lines += ["", "| drafting one block | ms | ÷ block drafter |", "|---|---|---|",
+                  f"| block drafter (1 forward) | {_f(d['block'] * 1e3)} | 1.00 |",
+                  f"| autoregressive drafter (S-1 forwards) | {_f(d['autoregressive'] * 1e3)} | "
+                  f"{_f(d['autoregressive_over_block'])} |",
+                  f"| target verification forward (for scale) | {_f(d['target_verify'] * 1e3)} | "
+                  f"{_f(d['target_verify'] / d['block'])} |"]
     lines += ["", "| context tokens | maml step ÷ distill step |", "|---|---|"]
     for row in res["scaling"]["by_context"]:
         lines.append(f"| {row['context_len']} | {_f(row['maml'])} |")

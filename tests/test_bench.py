@@ -50,3 +50,12 @@ def test_ttt_prefill_rows_and_tables(tmp_path):
     readme_results.main(tmp_path)  # idempotent: the section is replaced, not appended again
     readme = (tmp_path / "README.md").read_text()
     assert readme.count("<!-- results:begin -->") == 1 and "| maml | 2.00 | 3.00 |" in readme
+
+
+def test_draft_costs_time_both_kinds():
+    from metattt.bench import draft_costs
+
+    target, _ = _tiny()
+    res = draft_costs(target, num_layers=2, block_size=4, context_len=16, reps=2)
+    assert res["block"] > 0 and res["autoregressive"] > 0 and res["target_verify"] > 0
+    assert res["autoregressive_over_block"] == res["autoregressive"] / res["block"]
