@@ -291,24 +291,7 @@ class ARDrafter(TargetFeatureReader):
     default_lora_targets = DEFAULT_LORA_TARGETS
 
     def __init__(self, config: ARDrafterConfig):
-        super().__init__()
-        self.config = config
-        H = config.hidden_size
-        self.fc = nn.Linear(config.num_features * H, H, bias=False)
-        self.hidden_norm = RMSNorm(H, config.rms_norm_eps)
-        self.layers = nn.ModuleList(ARDrafterLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(H, config.rms_norm_eps)
-        self._shared: tuple[nn.Module, nn.Module] | None = None  # target's (embed_tokens, lm_head)
-        self.reset_parameters()
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+        super().__init__(config, ARDrafterLayer)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(

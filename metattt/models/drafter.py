@@ -263,6 +263,26 @@ class TargetFeatureReader(nn.Module):
 
     context_attention = "self_attn"  # attribute of each layer whose `context_kv` reads the features
 
+    def __init__(self, config: DrafterConfig, layer_cls: type[nn.Module]):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.fc = nn.Linear(config.num_features * H, H, bias=False)
+        self.hidden_norm = RMSNorm(H, config.rms_norm_eps)
+        self.layers = nn.ModuleList(layer_cls(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self._shared: tuple[nn.Module, nn.Module] | None = None  # target's (embed_tokens, lm_head)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
     # --- the target's frozen embedding and head, borrowed, never saved ---------------------
     def attach_target(self, target):
         """Borrow `target.embed_tokens` and `target.lm_head` (kept outside this module's
@@ -305,24 +325,7 @@ class TargetFeatureReader(nn.Module):
 
 class BlockDrafter(TargetFeatureReader):
     def __init__(self, config: DrafterConfig):
-        super().__init__()
-        self.config = config
-        H = config.hidden_size
-        self.fc = nn.Linear(config.num_features * H, H, bias=False)
-        self.hidden_norm = RMSNorm(H, config.rms_norm_eps)
-        self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(H, config.rms_norm_eps)
-        self._shared: tuple[nn.Module, nn.Module] | None = None  # target's (embed_tokens, lm_head)
-        self.reset_parameters()
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+        super().__init__(config, DrafterLayer)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(
