@@ -63,6 +63,22 @@ def _timeit(fn: Callable[[], None], device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def _interleaved_medians(runs: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, float]:
+    """Median seconds per contender, timed in turn rep by rep after one warm-up each, so a load
+    spike on the machine hits every contender alike."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 class _SavedBytes:
     """Bytes of tensors autograd saves for backward: a portable activation-memory measure."""
 
@@ -149,21 +165,11 @@ def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, a
     # the same attention kernel for every row, so ratios compare algorithms, not kernels
     set_attn_implementation(model, "eager")
     runs = {"distill": distill_step, **{a: meta_step(a) for a in algorithms}}
-    for fn in runs.values():  # warm-up
-        fn()
-    # interleaved repetitions: a load spike on the machine hits every contender alike
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, fn in runs.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    out["distill_s"] = statistics.median(times["distill"])
+    times = _interleaved_medians(runs, device, reps)
+    out["distill_s"] = times["distill"]
     out["distill_mem"] = _peak(distill_step, device)
     for algo in algorithms:
-        t = statistics.median(times[algo])
+        t = times[algo]
         m = _peak(runs[algo], device)
         out[algo] = {"seconds": t, "step_ratio": t / out["distill_s"], "mem_ratio": m / max(1, out["distill_mem"])}
     return out
@@ -206,18 +212,8 @@ def draft_costs(target, num_layers: int, block_size: int, context_len: int, reps
         ctx = drafter.extend_cache(None, feats)
         runs[name] = (lambda d=drafter, f=draft, c=ctx: f(d, 5, context_len, c, 0.0, 1.0, None, False, device))
     runs["target_verify"] = lambda: target(ids[:, :block_size], return_logits=True)
-    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
-        for fn in runs.values():
-            fn()
-        for _ in range(reps):
-            for name, fn in runs.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times[name].append(time.perf_counter() - t0)
-    out = {name: statistics.median(t) for name, t in times.items()}
+        out = _interleaved_medians(runs, device, reps)
     out["autoregressive_over_block"] = out["autoregressive"] / out["block"]
     return out
 

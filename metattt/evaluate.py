@@ -141,6 +141,7 @@ def evaluate_prompt(
                top_p=cfg.top_p)
     records = []
     reference = None
+    features = None
     for label, ttt in plan:
         cond = label.split("@")[0]
         g = torch.Generator(device=device).manual_seed(seed)  # same draws for every condition
@@ -161,7 +162,8 @@ def evaluate_prompt(
             if ttt is not None:
                 # prefill TTT: adapt on the prompt's target features (a separate forward here, so the
                 # TTT cost is measured on its own; serving reuses the prefill's features)
-                features = target(ids, return_logits=False).features
+                if features is None:  # one forward per prompt, shared by every TTT condition
+                    features = target(ids, return_logits=False).features
                 t0 = time.perf_counter()
                 out = ttt_adapt(model, init, ids, features, ttt, torch.Generator().manual_seed(seed), feature_head)
                 ttt_time = time.perf_counter() - t0

@@ -182,6 +182,14 @@ def _cluster_plugins() -> list:
     return []
 
 
+def fit_resuming(trainer: L.Trainer, module: L.LightningModule, dm, run: RunConfig, stage: str) -> None:
+    """`trainer.fit`, from the stage's newest good checkpoint when `run.resume` and one exists."""
+    ckpt = find_resumable_checkpoint(run.out_dir / stage / "checkpoints") if run.resume else None
+    if ckpt:
+        log.info("resuming %s from %s", stage, ckpt)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+
+
 def build_datamodule(data_kwargs: dict, tokenizer: PreTrainedTokenizerBase, seed: int, block_size: int):
     """The DataModule, set up and checked: every kept sequence has room for at least one block."""
     from metattt.data.datamodule import SequenceDataModule
@@ -219,10 +227,7 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
                            grad_clip=distill.grad_clip, checkpoint_every_n_steps=distill.checkpoint_every_n_steps,
                            val_check_interval=distill.val_check_interval, limit_val_batches=distill.limit_val_batches,
                            accumulate_grad_batches=distill.accumulate_grad_batches)
-    ckpt = find_resumable_checkpoint(run.out_dir / "distill" / "checkpoints") if run.resume else None
-    if ckpt:
-        log.info("resuming distillation from %s", ckpt)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    fit_resuming(trainer, module, dm, run, "distill")
     out = run.out_dir / "drafter"
     if trainer.is_global_zero:
         module.drafter.save_pretrained(out)
@@ -267,10 +272,7 @@ def run_meta_train(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draft
                            grad_clip=None, checkpoint_every_n_steps=meta.checkpoint_every_n_steps,
                            val_check_interval=meta.val_check_interval, limit_val_batches=meta.limit_val_batches,
                            inference_mode=False)
-    ckpt = find_resumable_checkpoint(run.out_dir / "meta" / "checkpoints") if run.resume else None
-    if ckpt:
-        log.info("resuming meta-training from %s", ckpt)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    fit_resuming(trainer, module, dm, run, "meta")
     out = run.out_dir / "meta_lora"
     if trainer.is_global_zero:
         base_path = drafter_path

@@ -101,7 +101,7 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
         if not res.after:
             return
         n = len(res.after)
-        b = sum(x.loss.item() for x in res.before[: len(res.before)]) / max(1, len(res.before))
+        b = sum(x.loss.item() for x in res.before) / max(1, len(res.before))
         a = sum(x.loss.item() for x in res.after) / n
         sync = stage == "val"
         self.log(f"{stage}/cont_loss_before", b, batch_size=n, sync_dist=sync)
