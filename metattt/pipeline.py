@@ -186,7 +186,7 @@ def fit_resuming(trainer: L.Trainer, module: L.LightningModule, dm, run: RunConf
     """`trainer.fit`, from the stage's newest good checkpoint when `run.resume` and one exists."""
     ckpt = find_resumable_checkpoint(run.out_dir / stage / "checkpoints") if run.resume else None
     if ckpt:
-        log.info("resuming %s from %s", stage, ckpt)
+        log.info("resuming %s from %s", {"distill": "distillation", "meta": "meta-training"}.get(stage, stage), ckpt)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
 
 
