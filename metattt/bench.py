@@ -32,7 +32,7 @@ import torch
 
 from metattt.losses import block_prediction_loss, default_gamma, sample_anchors, valid_anchor_mask
 from metattt.models.drafter import BlockDrafter, DrafterConfig, set_attn_implementation
-from metattt.models.lora import add_lora, lora_parameters
+from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.models.target import FrozenTarget
 from metattt.ttt.meta import meta_batch
 from metattt.ttt.tasks import Task, TTTConfig, TTTObjective, ttt_adapt
@@ -177,7 +177,7 @@ def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, a
 
 def ttt_prefill_costs(target, model, lengths: list[int], steps: int, anchors: int, reps: int) -> list[dict]:
     device = next(target.parameters()).device
-    init = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    init = copy_lora(model)
     ttt = TTTConfig(steps=steps, lr=1e-3, num_anchors=anchors, gamma=default_gamma(model.config.block_size))
     set_attn_implementation(model, "sdpa")  # inference: first-order TTT runs on the fast kernel
     rows = []
@@ -194,15 +194,15 @@ def draft_costs(target, num_layers: int, block_size: int, context_len: int, reps
     """Seconds to draft one block with each drafter kind (same widths), timed alternately, plus
     one target verification forward of the block for scale."""
     from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig
-    from metattt.spec.decode import _draft, _draft_autoregressive
+    from metattt.spec.decode import draft_autoregressive, draft_block
 
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     kw = dict(mask_token_id=1, target_layer_ids=target.layer_ids, num_hidden_layers=num_layers,
               block_size=block_size)
     drafters = {
-        "block": (BlockDrafter(DrafterConfig.from_target(target.config, **kw)), _draft),
-        "autoregressive": (ARDrafter(ARDrafterConfig.from_target(target.config, **kw)), _draft_autoregressive),
+        "block": (BlockDrafter(DrafterConfig.from_target(target.config, **kw)), draft_block),
+        "autoregressive": (ARDrafter(ARDrafterConfig.from_target(target.config, **kw)), draft_autoregressive),
     }
     ids = _batch(target.config.vocab_size, 1, context_len + block_size, device)["input_ids"]
     feats = target(ids[:, :context_len], return_logits=False).features

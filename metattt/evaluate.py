@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from metattt.models.lora import lora_parameters
+from metattt.models.lora import set_lora
 from metattt.spec.decode import speculative_generate, target_generate
 from metattt.spec.metrics import mean_and_stderr, summarize_tau
 from metattt.ttt.inner import ParamDict
@@ -95,10 +94,18 @@ def load_prompts(files: str | list[str], tokenizer, prompt_len: int, num_prompts
 
 
 # --- one prompt, every condition --------------------------------------------------------------
-def _set_lora(model, params: ParamDict | None) -> None:
-    with torch.no_grad():
-        for name, p in lora_parameters(model).items():
-            p.copy_(params[name])
+def prefill_ttt(model, init: ParamDict, ids: torch.Tensor, ttt: TTTConfig, seed: int, feature_head,
+                losses: list[float]):
+    """An `on_prefill` hook for `speculative_generate`: TTT from `init` on the features of the
+    prefill that decoding itself runs (one target forward of the prompt, as in serving), then
+    the adapted LoRA goes into `model`; the TTT losses are appended to `losses`."""
+
+    def adapt(features: torch.Tensor) -> None:
+        out = ttt_adapt(model, init, ids, features, ttt, torch.Generator().manual_seed(seed), feature_head)
+        set_lora(model, out.params)
+        losses.extend(x.item() for x in out.losses)
+
+    return adapt
 
 
 def condition_plan(cfg: EvalConfig, base_ttt: TTTConfig) -> list[tuple[str, TTTConfig | None]]:
@@ -141,7 +148,6 @@ def evaluate_prompt(
                top_p=cfg.top_p)
     records = []
     reference = None
-    features = None
     for label, ttt in plan:
         cond = label.split("@")[0]
         g = torch.Generator(device=device).manual_seed(seed)  # same draws for every condition
@@ -151,29 +157,19 @@ def evaluate_prompt(
             records.append(dict(condition=label, tokens=res.tokens, wall_time=res.wall_time,
                                 prefill_time=res.prefill_time, accepted=[], ttt_time=0.0))
             continue
-        ttt_time = 0.0
         ttt_losses: list[float] = []
         if cond == "static":
             with model.disable_adapter():
                 res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, **gen)
         else:
             init = inits["meta" if cond in ("meta_static", "ttt_meta") else "zero"]
-            params = init
-            if ttt is not None:
-                # prefill TTT: adapt on the prompt's target features (a separate forward here, so the
-                # TTT cost is measured on its own; serving reuses the prefill's features)
-                if features is None:  # one forward per prompt, shared by every TTT condition
-                    features = target(ids, return_logits=False).features
-                t0 = time.perf_counter()
-                out = ttt_adapt(model, init, ids, features, ttt, torch.Generator().manual_seed(seed), feature_head)
-                ttt_time = time.perf_counter() - t0
-                params, ttt_losses = out.params, [x.item() for x in out.losses]
-            _set_lora(model, params)
-            res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, **gen)
+            set_lora(model, init)
+            adapt = None if ttt is None else prefill_ttt(model, init, ids, ttt, seed, feature_head, ttt_losses)
+            res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, on_prefill=adapt, **gen)
         records.append(dict(
-            condition=label, tokens=res.tokens, wall_time=res.wall_time + ttt_time, prefill_time=res.prefill_time,
+            condition=label, tokens=res.tokens, wall_time=res.wall_time, prefill_time=res.prefill_time,
             accepted=res.accepted, position_accepted=res.position_accepted,
-            position_reached=res.position_reached, ttt_time=ttt_time, ttt_losses=ttt_losses,
+            position_reached=res.position_reached, ttt_time=res.adapt_time, ttt_losses=ttt_losses,
             lossless=(res.tokens == reference) if (reference is not None and cfg.temperature == 0) else None,
         ))
     return records

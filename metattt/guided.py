@@ -46,7 +46,14 @@ from pathlib import Path
 
 import torch
 
-from metattt.spec.decode import _as_prompt, _check_sampling, _commit, _eos_set, _pick
+from metattt.models.lora import copy_lora, set_lora
+from metattt.spec.decode import (
+    as_single_prompt,
+    check_sampling_args,
+    commit_tokens,
+    eos_token_set,
+    pick_token,
+)
 
 log = logging.getLogger("metattt")
 
@@ -122,20 +129,6 @@ def _empty_context(drafter, features: torch.Tensor):
 
 
 # --- LoRA helpers ------------------------------------------------------------------------------
-def get_lora(model) -> dict[str, torch.Tensor]:
-    from metattt.models.lora import lora_parameters
-
-    return {n: p.detach().clone() for n, p in lora_parameters(model).items()}
-
-
-def set_lora(model, params: dict[str, torch.Tensor]) -> None:
-    from metattt.models.lora import lora_parameters
-
-    with torch.no_grad():
-        for name, p in lora_parameters(model).items():
-            p.copy_(params[name])
-
-
 def adapt_on(model, init: dict[str, torch.Tensor], ids: torch.Tensor, features: torch.Tensor, ttt,
              seed: int = 0, feature_head=None) -> tuple[dict[str, torch.Tensor], list[float], float]:
     """TTT from `init` on (ids, features) -> (adapted LoRA, inner losses, seconds). `init` is untouched."""
@@ -172,7 +165,7 @@ class GuidedResult:
 def _pick_on(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
     if generator is not None and temperature > 0 and logits.device != generator.device:
         logits = logits.to(generator.device)
-    return _pick(logits, temperature, top_p, generator)
+    return pick_token(logits, temperature, top_p, generator)
 
 
 @torch.no_grad()
@@ -205,13 +198,13 @@ def guided_generate(
     the guided distribution (temperature 1, no top-p) gives each (`logprobs`): how much guidance moves
     probability toward a reference answer, a finer measure than whether the answer was produced.
     """
-    _check_sampling(temperature, top_p)
+    check_sampling_args(temperature, top_p)
     if alpha_rule not in ALPHA_RULES:
         raise ValueError(f"alpha_rule must be one of {ALPHA_RULES}, got {alpha_rule!r}")
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
-    prompt = _as_prompt(prompt_ids)
-    eos = _eos_set(eos_token_id)
+    prompt = as_single_prompt(prompt_ids)
+    eos = eos_token_set(eos_token_id)
     start = time.perf_counter()
     res = GuidedResult([], [], [], [], [], "length", 0.0)
     if force is not None:
@@ -227,7 +220,7 @@ def guided_generate(
     cache = out.past_key_values
     saved = None
     if ttt is not None:
-        saved = get_lora(drafter)
+        saved = copy_lora(drafter)
         if not saved:
             raise ValueError("ttt needs a drafter with LoRA adapters (metattt.models.lora.add_lora / load_meta_lora)")
         params, res.ttt_losses, res.ttt_time = adapt_on(drafter, ttt_init if ttt_init is not None else saved, prompt,
@@ -254,7 +247,7 @@ def guided_generate(
             res.kls.append(kl)
             res.agree.append(int(d_logits.argmax(-1)) == t_best)
             res.changed.append(int(g_logits.argmax(-1)) != t_best)
-            _, done = _commit(tokens, [nxt], eos, max_new_tokens)
+            _, done = commit_tokens(tokens, [nxt], eos, max_new_tokens)
             if done:
                 res.stop_reason = "eos" if tokens[-1] in eos else "length"
                 break
@@ -284,9 +277,9 @@ def refine_generate(target, model, prompt_ids: torch.Tensor, rounds: int, ttt, i
     rounds differ only in how the drafter was adapted. `first` reuses an existing round 0.
     `gen`: the other `guided_generate` arguments (max_new_tokens, alpha, temperature, ...).
     """
-    prompt = _as_prompt(prompt_ids)
-    eos = _eos_set(eos_token_id)
-    saved = get_lora(model)
+    prompt = as_single_prompt(prompt_ids)
+    eos = eos_token_set(eos_token_id)
+    saved = copy_lora(model)
 
     def gens():
         return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)

@@ -295,9 +295,9 @@ def _zero_init_lora(drafter_path: Path, target: FrozenTarget, lora_config, seed:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = get_peft_model(fresh, cfg)
-    from metattt.models.lora import lora_parameters
+    from metattt.models.lora import copy_lora
 
-    return {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    return copy_lora(model)
 
 
 def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
@@ -437,7 +437,7 @@ def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
     import json
 
     from metattt.losses import default_gamma
-    from metattt.models.lora import add_lora, load_meta_lora, lora_parameters
+    from metattt.models.lora import add_lora, copy_lora, load_meta_lora
     from metattt.ttt.tasks import TTTConfig
 
     meta_path = Path(meta_lora_path) if meta_lora_path else run.out_dir / "meta_lora"
@@ -466,7 +466,7 @@ def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
         ttt = TTTConfig(gamma=default_gamma(drafter.config.block_size))
     inits = {"zero": _zero_init_lora(path, target, model.peft_config["default"], run.seed)}
     if has_meta:
-        inits["meta"] = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+        inits["meta"] = copy_lora(model)
     if ttt.objective.attn_entropy:
         from metattt.models.drafter import set_attn_implementation
 

@@ -45,6 +45,53 @@ def llama_config(vocab_size: int = 96, layers: int = 4, hidden: int = 32):
 MASK_ID = 1
 
 
+def varied_target(vocab_size: int = 96, layers: int = 4, init: float = 0.3, seed: int = 0, dtype=torch.float32):
+    """A random Qwen3-style target whose greedy continuations vary: at the default init (0.02) a
+    random target repeats one token, which any drafter predicts; at 0.3 they are varied."""
+    from metattt.models.target import FrozenTarget
+
+    cfg = qwen3_config(vocab_size=vocab_size, layers=layers)
+    cfg.initializer_range = init
+    return FrozenTarget.from_config(cfg, num_draft_layers=2, seed=seed).to(dtype)
+
+
+def greedy_sequences(target, n: int = 24, prompt_len: int = 4, new_tokens: int = 44, seed: int = 100) -> torch.Tensor:
+    """(n, prompt_len + new_tokens): random prompts and the target's greedy continuations."""
+    import random
+
+    from metattt.spec.decode import target_generate
+
+    rng = random.Random(seed)
+    vocab = target.config.vocab_size
+    seqs = []
+    for _ in range(n):
+        prompt = torch.tensor([[rng.randrange(2, vocab) for _ in range(prompt_len)]])
+        seqs.append(torch.cat([prompt[0], torch.tensor(target_generate(target, prompt, new_tokens, None).tokens)]))
+    return torch.stack(seqs)
+
+
+def train_on_target(drafter, target, ids: torch.Tensor, steps: int, anchors_per_seq: int = 16,
+                    lr: float = 3e-3) -> float:
+    """A few AdamW steps of the distillation loss (either drafter kind) on sequences `ids` (B, T);
+    the drafter is frozen afterwards. Returns the last loss."""
+    from metattt.losses import block_prediction_loss, sample_anchors, valid_anchor_mask
+
+    attn = torch.ones_like(ids)
+    feats = target(ids).features
+    S = drafter.config.block_size
+    valid = valid_anchor_mask(attn, attn, S)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=lr)
+    for _ in range(steps):
+        anchors, ok = sample_anchors(valid, anchors_per_seq, g)
+        out = block_prediction_loss(drafter, feats, ids, attn, attn, anchors, ok, S, MASK_ID, 2.0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    drafter.requires_grad_(False)
+    return out.loss.item()
+
+
 @pytest.fixture
 def tiny_target():
     from metattt.models.target import FrozenTarget

@@ -8,9 +8,16 @@ import random
 
 import pytest
 import torch
-from conftest import MASK_ID, check_meta_gradient_by_central_differences, qwen3_config, recipe_args
+from conftest import (
+    MASK_ID,
+    check_meta_gradient_by_central_differences,
+    greedy_sequences,
+    recipe_args,
+    train_on_target,
+    varied_target,
+)
 
-from metattt.losses import block_prediction_loss, draft_hidden, sample_anchors, valid_anchor_mask
+from metattt.losses import block_prediction_loss, draft_hidden
 from metattt.models.ar_drafter import DEFAULT_LORA_TARGETS, ARDrafter, ARDrafterConfig, ChainCache
 from metattt.models.lora import add_lora, export_meta_lora, load_meta_lora, lora_parameters
 from metattt.models.target import FrozenTarget
@@ -19,13 +26,6 @@ from metattt.ttt.meta import meta_batch
 from metattt.ttt.tasks import TTTConfig, TTTObjective, make_tasks
 
 S = 4  # block size: the anchor + 3 drafts per verification
-
-
-def _target(vocab_size: int = 96, layers: int = 4, init: float = 0.3, seed: int = 0, dtype=torch.float32):
-    # init 0.3: varied greedy continuations (at 0.02 a random target repeats one token)
-    cfg = qwen3_config(vocab_size=vocab_size, layers=layers)
-    cfg.initializer_range = init
-    return FrozenTarget.from_config(cfg, num_draft_layers=2, seed=seed).to(dtype)
 
 
 def _drafter(target, block_size: int = S, layers: int = 2, seed: int = 1, attn: str = "sdpa",
@@ -39,32 +39,15 @@ def _drafter(target, block_size: int = S, layers: int = 2, seed: int = 1, attn: 
 @pytest.fixture(scope="module")
 def target() -> FrozenTarget:
     torch.set_num_threads(1)
-    return _target()
+    return varied_target()
 
 
 @pytest.fixture(scope="module")
 def trained(target) -> ARDrafter:
     """An AR drafter briefly distilled (the distill loss, kind-aware) on the target's greedy outputs."""
     torch.set_num_threads(1)
-    rng = random.Random(100)
-    seqs = []
-    for _ in range(24):
-        prompt = torch.tensor([[rng.randrange(2, 96) for _ in range(4)]])
-        seqs.append(torch.cat([prompt[0], torch.tensor(target_generate(target, prompt, 44, None).tokens)]))
-    ids = torch.stack(seqs)
-    attn = torch.ones_like(ids)
-    feats = target(ids).features
     drafter = _drafter(target)
-    valid = valid_anchor_mask(attn, attn, S)
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
-    for _ in range(40):
-        anchors, ok = sample_anchors(valid, 16, g)
-        loss = block_prediction_loss(drafter, feats, ids, attn, attn, anchors, ok, S, MASK_ID, 2.0).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    drafter.requires_grad_(False)
+    train_on_target(drafter, target, greedy_sequences(target), steps=40)
     return drafter
 
 
@@ -205,7 +188,7 @@ def test_sampling_keeps_the_target_distribution():
     """
     from test_spec import PROMPT, K, V, _decode_index, _exact_joint, chi_square_pvalue
 
-    tgt = _target(vocab_size=V, layers=2, init=0.6)
+    tgt = varied_target(vocab_size=V, layers=2, init=0.6)
     drafter = _drafter(tgt, block_size=3, layers=1)
     # a few steps on the target's own samples: drafts get accepted at every position, not always
     g = torch.Generator().manual_seed(123)
@@ -247,7 +230,7 @@ def cyclic_batch(g: torch.Generator, B: int = 1, T: int = 20, V: int = 24) -> di
 
 
 def test_maml_meta_gradient_matches_finite_differences_float64():
-    tgt = _target(vocab_size=24, dtype=torch.float64)
+    tgt = varied_target(vocab_size=24, dtype=torch.float64)
     drafter = _drafter(tgt, attn="eager", seed=0, dtype=torch.float64)
     model = add_lora(drafter, r=2, alpha=4, target_modules=DEFAULT_LORA_TARGETS).to(torch.float64)
     phi = lora_parameters(model)

@@ -9,7 +9,7 @@ from conftest import recipe_args
 
 from metattt.cli import main
 from metattt.evaluate import EvalConfig, condition_plan, evaluate_prompt
-from metattt.models.lora import add_lora, lora_parameters
+from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.ttt.tasks import TTTConfig
 
 
@@ -55,13 +55,19 @@ def test_eval_stage_writes_report_with_every_condition(workspace, tmp_path):
     assert any((out / "tb").rglob("events.out.tfevents.*"))
 
 
-def test_no_leakage_across_requests(tiny_target, tiny_drafter):
-    model = add_lora(tiny_drafter, r=4, alpha=8)
+def _lora_model_and_inits(drafter):
+    """The drafter with LoRA, a random "meta" init and the zero init (B = 0) beside it."""
+    model = add_lora(drafter, r=4, alpha=8)
     with torch.no_grad():
         for p in lora_parameters(model).values():
             p.normal_(0, 0.05)
-    meta = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    meta = copy_lora(model)
     zero = {n: torch.zeros_like(p) if "lora_B" in n else p.detach().clone() for n, p in meta.items()}
+    return model, zero, meta
+
+
+def test_no_leakage_across_requests(tiny_target, tiny_drafter):
+    model, zero, meta = _lora_model_and_inits(tiny_drafter)
     cfg = EvalConfig(conditions=["target", "static", "ttt_zero", "ttt_meta"], max_new_tokens=12)
     plan = condition_plan(cfg, TTTConfig(steps=3, lr=0.5, num_anchors=8, gamma=2.0))
     g = torch.Generator().manual_seed(0)
@@ -83,6 +89,27 @@ def test_no_leakage_across_requests(tiny_target, tiny_drafter):
         assert torch.equal(p, meta[n])
     ttt = [r for r in alone if r["condition"] == "ttt_meta"][0]
     assert len(ttt["ttt_losses"]) == 3 and ttt["ttt_losses"][-1] < ttt["ttt_losses"][0]
+
+
+def test_ttt_adapts_on_the_prefill_that_decoding_runs(tiny_target, tiny_drafter, monkeypatch):
+    """A TTT request costs one target forward of the prompt, like any other: no extra prefill."""
+    model, zero, meta = _lora_model_and_inits(tiny_drafter)
+    cfg = EvalConfig(conditions=["target", "static", "ttt_zero", "ttt_meta"], max_new_tokens=8)
+    plan = condition_plan(cfg, TTTConfig(steps=2, lr=0.5, num_anchors=8, gamma=2.0))
+    prompt = torch.randint(2, 96, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths = []
+    forward = tiny_target.forward
+
+    def counting_forward(ids, *args, **kwargs):
+        lengths.append(ids.shape[1])
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_target, "forward", counting_forward)
+    records = evaluate_prompt(tiny_target, model, prompt, plan, {"zero": zero, "meta": meta}, cfg, None, 0)
+    assert lengths.count(len(prompt)) == len(plan) == 4
+    for r in records:
+        if r["condition"].startswith("ttt_"):
+            assert len(r["ttt_losses"]) == 2 and 0 < r["ttt_time"] < r["wall_time"]
 
 
 def test_two_processes_give_the_same_tau_as_one(workspace, tmp_path):

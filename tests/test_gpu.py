@@ -13,7 +13,7 @@ from metattt.config import MetaConfig, RunConfig, TrainerConfig
 from metattt.lit.distill import DistillModule
 from metattt.lit.meta import MetaTrainModule
 from metattt.models.drafter import BlockDrafter, DrafterConfig
-from metattt.models.lora import add_lora, lora_parameters
+from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.models.target import FrozenTarget
 from metattt.pipeline import make_trainer
 
@@ -77,7 +77,7 @@ def test_bf16_mixed_second_order_meta_training(tmp_path):
     cfg = MetaConfig(algorithm="maml", inner_steps=2, inner_lr=0.3, inner_anchors=8, outer_anchors=8,
                      context_min=17, context_max=20, warmup_ratio=0.0)
     module = MetaTrainModule(target, model, cfg, seed=0)
-    before = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    before = copy_lora(model)
     trainer = _trainer(tmp_path, "meta", precision="bf16-mixed", steps=2, inference_mode=False)
     trainer.fit(module, train_dataloaders=_loader())
     assert trainer.global_step == 2

@@ -19,7 +19,7 @@ from metattt.guided import (
     refine_generate,
     step_alpha,
 )
-from metattt.models.lora import add_lora, lora_parameters
+from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.spec.decode import target_generate
 from metattt.ttt.tasks import TTTConfig
 
@@ -200,7 +200,7 @@ def test_one_token_prompt_and_stop_callback(lively):
 def test_ttt_on_adapts_then_restores_the_lora(lively):
     target, drafter = lively
     model = add_lora(drafter, r=4, alpha=8)
-    before = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    before = copy_lora(model)
     prompt = _prompt(24, seed=5)
     ttt = TTTConfig(steps=3, lr=0.5, num_anchors=8, gamma=2.0)
     off = guided_generate(target, model, prompt, 12, None, alpha=1.0)
@@ -222,7 +222,7 @@ def test_ttt_needs_lora(lively):
 def test_refine_generate_rounds(lively):
     target, drafter = lively
     model = add_lora(drafter, r=4, alpha=8)
-    init = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    init = copy_lora(model)
     prompt = _prompt(20, seed=6)
     ttt = TTTConfig(steps=2, lr=0.5, num_anchors=8, gamma=2.0)
     rounds = refine_generate(target, model, prompt, 2, ttt, init, seed=3, max_new_tokens=10, alpha=0.5)

@@ -12,7 +12,7 @@ from conftest import MASK_ID, check_meta_gradient_by_central_differences, qwen3_
 from metattt.config import MetaConfig
 from metattt.lit.meta import MetaTrainModule
 from metattt.models.drafter import BlockDrafter, DrafterConfig
-from metattt.models.lora import add_lora, export_meta_lora, load_meta_lora, lora_parameters
+from metattt.models.lora import add_lora, copy_lora, export_meta_lora, load_meta_lora, lora_parameters
 from metattt.models.target import FrozenTarget
 from metattt.ttt.inner import Functional
 from metattt.ttt.meta import meta_batch
@@ -182,7 +182,7 @@ def _eval_post_adaptation(model, target, init, seed=123, n=2):
 def test_meta_training_makes_adaptation_pay_off(algorithm):
     target, drafter = _pair()
     model = add_lora(drafter, r=4, alpha=8, seed=0)
-    zero_init = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    zero_init = copy_lora(model)
     zero_before, zero_after = _eval_post_adaptation(model, target, zero_init)
 
     cfg = MetaConfig(algorithm=algorithm, inner_steps=3, inner_lr=0.5, inner_anchors=16, outer_anchors=16,
@@ -191,7 +191,7 @@ def test_meta_training_makes_adaptation_pay_off(algorithm):
     trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, torch.utils.data.DataLoader(_Batches(30, seed=0), batch_size=None))
-    meta_init = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    meta_init = copy_lora(model)
     meta_before, meta_after = _eval_post_adaptation(model, target, meta_init)
     msg = f"{algorithm}: zero init {zero_before:.2f}->{zero_after:.2f}, meta init {meta_before:.2f}->{meta_after:.2f}"
     # after meta-training, a few TTT steps leave a clearly lower continuation loss than the same
@@ -217,7 +217,7 @@ def test_non_finite_inner_loss_skips_the_task_and_training_goes_on(monkeypatch):
     cfg = MetaConfig(algorithm="maml", inner_steps=2, inner_lr=0.3, inner_anchors=8, outer_anchors=8,
                      context_min=17, context_max=24, warmup_ratio=0.0)
     module = MetaTrainModule(target, model, cfg)
-    before = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    before = copy_lora(model)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, torch.utils.data.DataLoader(_Batches(2, seed=0), batch_size=None))

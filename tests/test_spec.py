@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 from types import SimpleNamespace
@@ -9,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MASK_ID, qwen3_config
+from conftest import MASK_ID, greedy_sequences, train_on_target, varied_target
 
-from metattt.losses import block_prediction_loss, sample_anchors, valid_anchor_mask
+from metattt.losses import block_prediction_loss
 from metattt.models.drafter import BlockDrafter, DrafterConfig
 from metattt.models.target import FrozenTarget
 from metattt.spec import decode
@@ -41,38 +42,11 @@ def _one_thread():
 # --- models -------------------------------------------------------------------------------
 
 
-def _target(vocab_size: int = 96, layers: int = 4, init: float = 0.3, seed: int = 0) -> FrozenTarget:
-    # init 0.3: with the default 0.02 a random target's greedy output is one token repeated,
-    # which any drafter predicts; at 0.3 its continuations are varied
-    cfg = qwen3_config(vocab_size=vocab_size, layers=layers)
-    cfg.initializer_range = init
-    return FrozenTarget.from_config(cfg, num_draft_layers=2, seed=seed)
-
-
 def _drafter(target: FrozenTarget, block_size: int = S, layers: int = 2, seed: int = 1) -> BlockDrafter:
     torch.manual_seed(seed)
     cfg = DrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
                                     num_hidden_layers=layers, block_size=block_size)
     return BlockDrafter(cfg).attach_target(target)
-
-
-def _train(drafter: BlockDrafter, target: FrozenTarget, ids: torch.Tensor, steps: int, anchors_per_seq: int = 16,
-           lr: float = 3e-3) -> float:
-    """A few AdamW steps of the block loss on target-generated sequences `ids` (B, T)."""
-    attn = torch.ones_like(ids)
-    feats = target(ids).features
-    valid = valid_anchor_mask(attn, attn, drafter.config.block_size)
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(drafter.parameters(), lr=lr)
-    for _ in range(steps):
-        anchors, ok = sample_anchors(valid, anchors_per_seq, g)
-        out = block_prediction_loss(drafter, feats, ids, attn, attn, anchors, ok, drafter.config.block_size,
-                                    MASK_ID, 2.0)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    drafter.requires_grad_(False)
-    return out.loss.item()
 
 
 def _random_prompt(rng: random.Random, vocab: int = 96) -> torch.Tensor:
@@ -109,21 +83,15 @@ class OracleDrafter:
 @pytest.fixture(scope="module")
 def greedy_target() -> FrozenTarget:
     torch.set_num_threads(1)
-    return _target()
+    return varied_target()
 
 
 @pytest.fixture(scope="module")
 def trained_drafter(greedy_target) -> BlockDrafter:
     """A drafter briefly trained on the target's greedy continuations of other prompts."""
     torch.set_num_threads(1)
-    torch.manual_seed(100)
-    rng = random.Random(100)
-    seqs = []
-    for _ in range(24):
-        prompt = torch.tensor([[rng.randrange(2, 96) for _ in range(4)]])
-        seqs.append(torch.cat([prompt[0], torch.tensor(target_generate(greedy_target, prompt, 44, None).tokens)]))
     drafter = _drafter(greedy_target)
-    _train(drafter, greedy_target, torch.stack(seqs), steps=40)
+    train_on_target(drafter, greedy_target, greedy_sequences(greedy_target), steps=40)
     return drafter
 
 
@@ -206,6 +174,31 @@ def test_oracle_drafter_reaches_full_blocks_and_stops_mid_block(greedy_target):
         assert out.stop_reason == "eos"
 
 
+def test_on_prefill_adapts_the_drafter_on_the_prefill_features(greedy_target, trained_drafter):
+    from metattt.models.lora import add_lora, copy_lora, lora_parameters, set_lora
+
+    model = add_lora(copy.deepcopy(trained_drafter), r=4, alpha=8)
+    plain = copy_lora(model)
+    harmful = {n: torch.randn_like(p) for n, p in lora_parameters(model).items()}  # scrambles the drafts
+    prompt = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def adapt(features):
+        seen.append((features.clone(), torch.is_grad_enabled()))
+        set_lora(model, harmful)
+
+    hooked = speculative_generate(greedy_target, model, prompt, 32, None, on_prefill=adapt)
+    assert len(seen) == 1 and seen[0][1], "called once, with gradients enabled"
+    torch.testing.assert_close(seen[0][0], greedy_target(prompt, return_logits=False).features)
+    assert hooked.adapt_time > 0 and hooked.wall_time >= hooked.prefill_time + hooked.adapt_time
+    set_lora(model, harmful)
+    preset = speculative_generate(greedy_target, model, prompt, 32, None)
+    assert (hooked.tokens, hooked.accepted) == (preset.tokens, preset.accepted)  # drafted with the hook's LoRA
+    set_lora(model, plain)
+    unadapted = speculative_generate(greedy_target, model, prompt, 32, None)
+    assert unadapted.tokens == hooked.tokens and sum(unadapted.accepted) > sum(hooked.accepted)
+
+
 def test_tau_bounds_and_position_counts(greedy_target, trained_drafter):
     for prompt, max_new, eos in _greedy_cases(greedy_target, n=8, seed=1):
         out = speculative_generate(greedy_target, trained_drafter, prompt, max_new, eos)
@@ -282,7 +275,7 @@ def sampling_models():
     a few steps on its samples, so that runs have rejections at every block position as well
     as fully accepted blocks (bonus token)."""
     torch.set_num_threads(1)
-    target = _target(vocab_size=V, layers=2, init=0.6)
+    target = varied_target(vocab_size=V, layers=2, init=0.6)
     drafter = _drafter(target, block_size=SB, layers=1)
     joint = _exact_joint(target, 1.0, 1.0)
     g = torch.Generator().manual_seed(123)

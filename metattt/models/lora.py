@@ -36,6 +36,18 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
 
 
+def copy_lora(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the LoRA tensors: an init to adapt from, or a state to restore."""
+    return {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+
+
+def set_lora(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Write `params` (as from `copy_lora` or a TTT result) into the model's LoRA, in place."""
+    with torch.no_grad():
+        for name, p in lora_parameters(model).items():
+            p.copy_(params[name])
+
+
 def export_meta_lora(model: PeftModel, out: Path, ttt: TTTConfig, base_model_path: str | Path,
                      extra: dict[str, torch.Tensor] | None = None, **info) -> Path:
     """A peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`) plus what

@@ -63,10 +63,11 @@ class GenerationResult:
     position_accepted: list[int]  # (S-1,) per block position k=1..S-1: steps where d_k was accepted
     position_reached: list[int]  # (S-1,) per block position: steps where d_k was checked (d_1..d_{k-1} accepted)
     prefill_time: float  # seconds: prompt forward (+ drafter context) and first token
-    wall_time: float  # seconds: whole call, prefill included
+    wall_time: float  # seconds: whole call, prefill and `on_prefill` included
     draft_time: float = 0.0  # seconds in drafter forwards (+ drafter context extension)
     verify_time: float = 0.0  # seconds in target forwards after prefill (+ acceptance, cache crop)
     stop_reason: str = "length"  # "eos" | "length"
+    adapt_time: float = 0.0  # seconds in `on_prefill` (prefill TTT), between prefill and decoding
     # Only with `return_cache=True`: caches holding every committed position but the last token.
     target_cache: Any = field(default=None, repr=False)
     drafter_cache: Any = field(default=None, repr=False)
@@ -80,7 +81,7 @@ class GenerationResult:
 
     @property
     def decode_time(self) -> float:
-        return self.wall_time - self.prefill_time
+        return self.wall_time - self.prefill_time - self.adapt_time
 
     @property
     def position_rate(self) -> list[float]:
@@ -111,17 +112,17 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     return top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """probs (..., V) -> one token per row (...,)."""
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """The target's own next token from one row of logits (V,): argmax at T=0, else a sample."""
     if temperature == 0.0:
         return int(logits.argmax(-1))
-    return int(_sample(sampling_probs(logits, temperature, top_p), generator))
+    return int(sample_tokens(sampling_probs(logits, temperature, top_p), generator))
 
 
 # --- acceptance rules ---------------------------------------------------------------------
@@ -146,7 +147,7 @@ def accept_exact(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     Sampling all S rows at once is fine: row k is conditioned on d_1..d_k, which equal the
     target's own samples t_1..t_k whenever row k+1 is used.
     """
-    samples = _sample(p, generator)  # (S,)
+    samples = sample_tokens(p, generator)  # (S,)
     a = int((drafts == samples[:-1]).long().cumprod(0).sum())
     return a, int(samples[a])
 
@@ -161,12 +162,12 @@ def accept_speculative(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     ok = r * q_d < p_d  # r < p/q without dividing; q(d) > 0 because d was drawn from q
     a = int(ok.long().cumprod(0).sum())
     if a == n:
-        return a, int(_sample(p[n], generator))
+        return a, int(sample_tokens(p[n], generator))
     residual = (p[a] - q[a]).clamp_min(0.0)
     total = residual.sum()
     # Rejection needs p(d) < q(d), so the residual has mass; guard only against rounding.
     residual = residual / total if total > 0 else p[a]
-    return a, int(_sample(residual, generator))
+    return a, int(sample_tokens(residual, generator))
 
 
 # Looked up by name on every call, so a test can register a deliberately wrong rule and check
@@ -200,7 +201,7 @@ def cache_length(cache: Any) -> int:
 # --- shared plumbing ----------------------------------------------------------------------
 
 
-def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+def eos_token_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
     if eos_token_id is None:
         return frozenset()
     if isinstance(eos_token_id, int):
@@ -208,7 +209,7 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def _as_prompt(prompt_ids: torch.Tensor) -> torch.Tensor:
+def as_single_prompt(prompt_ids: torch.Tensor) -> torch.Tensor:
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids[None]
     if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
@@ -218,14 +219,14 @@ def _as_prompt(prompt_ids: torch.Tensor) -> torch.Tensor:
     return prompt_ids
 
 
-def _check_sampling(temperature: float, top_p: float) -> None:
+def check_sampling_args(temperature: float, top_p: float) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _commit(tokens: list[int], new: Sequence[int], eos: frozenset[int], max_new_tokens: int) -> tuple[int, bool]:
+def commit_tokens(tokens: list[int], new: Sequence[int], eos: frozenset[int], max_new_tokens: int) -> tuple[int, bool]:
     """Append `new` to `tokens` until EOS (kept) or the length limit; -> (appended, done)."""
     m = 0
     for t in new:
@@ -252,7 +253,7 @@ class _Clock:
 
 def _prefill(target, prompt: torch.Tensor, temperature: float, top_p: float, generator):
     out = target(prompt, use_cache=True, logits_to_keep=1)  # features (1, P, n·H), logits (1, 1, V)
-    first = _pick(out.logits[0, -1], temperature, top_p, generator)
+    first = pick_token(out.logits[0, -1], temperature, top_p, generator)
     return out, first
 
 
@@ -276,9 +277,9 @@ def target_generate(
     speculative rules preserve). Every decode forward is one step that commits one token, so
     τ = 1 by construction.
     """
-    _check_sampling(temperature, top_p)
-    prompt = _as_prompt(prompt_ids)
-    eos = _eos_set(eos_token_id)
+    check_sampling_args(temperature, top_p)
+    prompt = as_single_prompt(prompt_ids)
+    eos = eos_token_set(eos_token_id)
     clock = _Clock(prompt.device)
     start = clock()
     tokens: list[int] = []
@@ -287,14 +288,14 @@ def target_generate(
     out, first = _prefill(target, prompt, temperature, top_p, generator)
     cache = out.past_key_values
     prefill_done = clock()
-    _, done = _commit(tokens, [first], eos, max_new_tokens)
+    _, done = commit_tokens(tokens, [first], eos, max_new_tokens)
     steps = 0
     while not done:
         x = torch.tensor([[tokens[-1]]], device=prompt.device)  # (1, 1)
         out = target(x, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         steps += 1
-        _, done = _commit(tokens, [_pick(out.logits[0, -1], temperature, top_p, generator)], eos, max_new_tokens)
+        _, done = commit_tokens(tokens, [pick_token(out.logits[0, -1], temperature, top_p, generator)], eos, max_new_tokens)
     end = clock()
     return GenerationResult(
         tokens=tokens, num_steps=steps, accepted=[0] * steps, position_accepted=[], position_reached=[],
@@ -307,7 +308,7 @@ def target_generate(
 # --- speculative decoding -----------------------------------------------------------------
 
 
-def _draft(
+def draft_block(
     drafter, last_token: int, position: int, ctx_cache, temperature: float, top_p: float,
     generator: torch.Generator | None, greedy_draft: bool, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -327,10 +328,10 @@ def _draft(
         drafts = q.argmax(-1)
         return drafts, torch.nn.functional.one_hot(drafts, q.shape[-1]).to(q.dtype)
     # Block positions are drafted in parallel, so each d_k is an independent draw from q_k.
-    return _sample(q, generator), q
+    return sample_tokens(q, generator), q
 
 
-def _draft_autoregressive(
+def draft_autoregressive(
     drafter, last_token: int, position: int, ctx_cache, temperature: float, top_p: float,
     generator: torch.Generator | None, greedy_draft: bool, device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -354,7 +355,7 @@ def _draft_autoregressive(
             token = int(logits.argmax(-1))
         else:
             q = sampling_probs(logits, temperature, top_p)  # (V,)
-            token = int(q.argmax(-1)) if greedy_draft else int(_sample(q, generator))
+            token = int(q.argmax(-1)) if greedy_draft else int(sample_tokens(q, generator))
             # drafting the argmax is a draw from the one-hot q; both rules stay exact with it
             qs.append(torch.nn.functional.one_hot(torch.tensor(token, device=device), q.shape[-1]).to(q.dtype)
                       if greedy_draft else q)
@@ -375,24 +376,30 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     greedy_draft: bool = False,
     return_cache: bool = False,
+    on_prefill: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerationResult:
     """Speculative decoding of one prompt (1, P) with either drafter kind, verified by the target.
 
     `drafter` needs `config.block_size`, `config.mask_token_id`, `extend_cache(cache,
     features)`, `__call__(block_ids, anchors, cache=...)` and `logits(hidden)` (BlockDrafter,
     or a peft wrapper of it). With `config.kind == "autoregressive"` (ARDrafter) the S-1 drafts
-    come from S-1 one-token forwards (`_draft_autoregressive`) instead of one block forward;
+    come from S-1 one-token forwards (`draft_autoregressive`) instead of one block forward;
     everything else (verification, acceptance, caches, τ) is the same loop. At temperature 0
     acceptance is greedy and `rule` is unused; at
     T > 0 drafts are sampled from the drafter's tempered/top-p distribution (argmax with
     `greedy_draft=True`, which suits the "exact" rule: it accepts d with probability p(d)).
+
+    `on_prefill(features)`, when given, is called once with the prompt's target features
+    (1, P, n·H) from the prefill forward, with gradients enabled, before the drafter reads
+    them: prefill TTT adapts the drafter's LoRA there, on the very forward decoding uses, so a
+    TTT request costs one prefill like any other. Its time is `adapt_time` (in `wall_time`).
     """
-    _check_sampling(temperature, top_p)
+    check_sampling_args(temperature, top_p)
     if temperature > 0 and rule not in ACCEPT_RULES:
         raise ValueError(f"unknown acceptance rule {rule!r}; choose one of {sorted(ACCEPT_RULES)}")
-    prompt = _as_prompt(prompt_ids)
+    prompt = as_single_prompt(prompt_ids)
     device = prompt.device
-    eos = _eos_set(eos_token_id)
+    eos = eos_token_set(eos_token_id)
     S = int(drafter.config.block_size)
     clock = _Clock(device)
     start = clock()
@@ -404,11 +411,17 @@ def speculative_generate(
 
     out, first = _prefill(target, prompt, temperature, top_p, generator)
     cache = out.past_key_values  # positions 0..P-1
+    adapt_time = 0.0
+    if on_prefill is not None:
+        t0 = clock()
+        with torch.enable_grad():
+            on_prefill(out.features)
+        adapt_time = clock() - t0
     ctx = drafter.extend_cache(None, out.features)  # positions 0..P-1
     prefill_done = clock()
-    _, done = _commit(tokens, [first], eos, max_new_tokens)
+    _, done = commit_tokens(tokens, [first], eos, max_new_tokens)
 
-    draft = _draft_autoregressive if getattr(drafter.config, "kind", "block") == "autoregressive" else _draft
+    draft = draft_autoregressive if getattr(drafter.config, "kind", "block") == "autoregressive" else draft_block
     draft_time = verify_time = 0.0
     while not done:
         t0 = clock()
@@ -431,7 +444,7 @@ def speculative_generate(
             pos_reach[k] += 1
             pos_acc[k] += k < a
 
-        m, done = _commit(tokens, drafts[:a].tolist() + [nxt], eos, max_new_tokens)
+        m, done = commit_tokens(tokens, drafts[:a].tolist() + [nxt], eos, max_new_tokens)
         # Keep [last, d_1..d_{m-1}] (the committed tokens but the newest one); they were
         # verified with exactly these inputs, so their KV entries and features are right.
         crop_cache(cache, S - m)
@@ -445,8 +458,8 @@ def speculative_generate(
     end = clock()
     return GenerationResult(
         tokens=tokens, num_steps=len(accepted), accepted=accepted, position_accepted=pos_acc,
-        position_reached=pos_reach, prefill_time=prefill_done - start, wall_time=end - start,
-        draft_time=draft_time, verify_time=verify_time,
+        position_reached=pos_reach, prefill_time=prefill_done - start - adapt_time, wall_time=end - start,
+        draft_time=draft_time, verify_time=verify_time, adapt_time=adapt_time,
         stop_reason="eos" if tokens[-1] in eos else "length",
         target_cache=cache if return_cache else None, drafter_cache=ctx if return_cache else None,
     )
