@@ -35,7 +35,8 @@ from metattt.models.target import FrozenTarget
 log = logging.getLogger("metattt")
 
 
-def load_target(cfg: TargetConfig, num_draft_layers: int, tiny_config=None) -> FrozenTarget:
+def load_target(cfg: TargetConfig, num_draft_layers: int, tiny_config=None, heads_only: bool = False) -> FrozenTarget:
+    """The frozen target; `heads_only`: just its embedding and LM head (training on cached features)."""
     path = Path(cfg.path).expanduser()
     if cfg.build_tiny and not (path / "config.json").is_file():
         from metattt.tiny import ensure_tiny_target
@@ -44,6 +45,9 @@ def load_target(cfg: TargetConfig, num_draft_layers: int, tiny_config=None) -> F
             raise ValueError(f"target.build_tiny builds into <root>/target; {path} is not named 'target'")
         log.info("no target at %s: building the tiny CPU target (once; later runs reuse it)", path)
         ensure_tiny_target(root=path.parent, config=tiny_config)
+    if heads_only:
+        return FrozenTarget.load_heads_only(cfg.path, layer_ids=cfg.layer_ids, num_draft_layers=num_draft_layers,
+                                            dtype=cfg.dtype)
     return FrozenTarget.from_pretrained(
         cfg.path, layer_ids=cfg.layer_ids, num_draft_layers=num_draft_layers,
         dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
@@ -215,7 +219,9 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
     from metattt.lit.distill import DistillModule
 
     L.seed_everything(run.seed, workers=True)
-    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+    # with cached features the target never runs: only the embedding and head the drafter borrows
+    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config,
+                         heads_only=bool(data.get("feature_cache")))
     tokenizer = load_tokenizer(target_cfg.path)
     drafter = build_drafter(drafter_args, target, tokenizer)
     dm = build_datamodule(data, tokenizer, run.seed, drafter.config.block_size)
@@ -256,7 +262,8 @@ def run_meta_train(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draft
         log.info("no drafter at %s: distilling one first", drafter_path)
         run_distill(run, target_cfg, drafter_args, data, trainer_cfg, distill, tiny_config)
     L.seed_everything(run.seed, workers=True)
-    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config,
+                         heads_only=bool(data.get("feature_cache")))
     tokenizer = load_tokenizer(target_cfg.path)
     drafter = build_drafter(DrafterArgs(init_from=str(drafter_path), attn_implementation=drafter_args.attn_implementation),
                             target, tokenizer)

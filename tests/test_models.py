@@ -206,3 +206,20 @@ def test_batch_without_any_block_gives_a_zero_loss_with_a_graph(tiny_target, tin
     out = block_prediction_loss(tiny_drafter, tiny_target(ids).features, ids, attn, attn, anchors, ok, 4, MASK_ID, 2.0)
     assert out.loss.item() == 0.0
     out.loss.backward()  # does not raise: Lightning can step over such a batch
+
+
+@pytest.mark.parametrize("config, shard", [(qwen3_config, False), (llama_config, True)], ids=["tied", "untied_sharded"])
+def test_heads_only_target_loads_embedding_and_head_and_refuses_to_run(tmp_path, config, shard):
+    full = FrozenTarget.from_config(config(), num_draft_layers=2, seed=0)
+    full.model.save_pretrained(tmp_path, max_shard_size="20KB" if shard else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == shard
+    heads = FrozenTarget.load_heads_only(tmp_path, num_draft_layers=2)
+    assert heads.layer_ids == full.layer_ids and heads.hidden_size == full.hidden_size
+    torch.testing.assert_close(heads.embed_tokens.weight, full.embed_tokens.weight, rtol=0, atol=0)
+    torch.testing.assert_close(heads.lm_head.weight, full.lm_head.weight, rtol=0, atol=0)
+    kept = {p.data_ptr() for p in heads.parameters()}
+    assert kept == {p.data_ptr() for p in (heads.embed_tokens.weight, heads.lm_head.weight)}  # no decoder weights
+    assert all(t.device.type == "cpu" for t in [*heads.parameters(), *heads.buffers()])
+    heads.to(torch.float64)  # moves like any module: nothing is left on the meta device
+    with pytest.raises(RuntimeError, match="embedding and LM head"):
+        heads(torch.ones(1, 3, dtype=torch.long))

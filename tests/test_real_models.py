@@ -90,7 +90,7 @@ def test_recipe_instantiates_shrunk(recipe, targets, tmp_path):
     assert hidden.shape == (1, 2, 16, tcfg.hidden_size) and torch.isfinite(hidden).all()
 
 
-def test_qwen3_recipe_prepare_cache_distill_end_to_end(targets, tmp_path):
+def test_qwen3_recipe_prepare_cache_distill_end_to_end(targets, tmp_path, caplog):
     """`prepare` (chat → tokenized Arrow + feature cache) then `distill` reading the cache, all
     through the CLI with the qwen3_4b recipe shrunk."""
     src = tmp_path / "chat.jsonl"
@@ -109,7 +109,10 @@ def test_qwen3_recipe_prepare_cache_distill_end_to_end(targets, tmp_path):
     assert manifest["settings"]["chat_template_kwargs"] == {"enable_thinking": False}  # the recipe's explicit flag
     assert json.loads((cache / "feature_cache.json").read_text())["layer_ids"] == [1, 2]
     main(["prepare", *args])  # a rerun reuses the data and finds every sequence cached
-    main(["distill", *args])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="metattt"):
+        main(["distill", *args])
+    assert "embedding and LM head only" in caplog.text  # reading cached features, the decoder is never loaded
     drafter = BlockDrafter.from_pretrained(tmp_path / "out" / "qwen3_4b" / "drafter")
     assert drafter.config.block_size == 16 and drafter.config.num_hidden_layers == 2
 

@@ -53,6 +53,30 @@ class TargetOutput:
     past_key_values: object | None = None
 
 
+def _safetensors_files(folder: Path, keys: list[str]) -> dict[str, Path]:
+    """Which safetensors file of a checkpoint folder holds each key (sharded or single-file)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = [k for k in keys if k not in weight_map]
+        if missing:
+            raise KeyError(f"{index} has no {missing}")
+        return {k: folder / weight_map[k] for k in keys}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder} has no model.safetensors(.index.json): loading the embedding and head "
+                                "alone needs safetensors weights (re-save the model with save_pretrained)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        missing = [k for k in keys if k not in f.keys()]  # noqa: SIM118 - safe_open has no __iter__
+    if missing:
+        raise KeyError(f"{single} has no {missing}")
+    return dict.fromkeys(keys, single)
+
+
 def _num_layers(config: PretrainedConfig) -> int:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.num_hidden_layers)
@@ -61,12 +85,13 @@ def _num_layers(config: PretrainedConfig) -> int:
 class FrozenTarget(nn.Module):
     """A frozen causal LM that returns the hidden states of `layer_ids` (+ logits)."""
 
-    def __init__(self, model: PreTrainedModel, layer_ids: list[int]):
+    def __init__(self, model: PreTrainedModel, layer_ids: list[int], heads_only: bool = False):
         super().__init__()
         validate_layer_ids(layer_ids, _num_layers(model.config))
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.layer_ids = list(layer_ids)
+        self.heads_only = heads_only  # only the embedding and LM head hold weights (`load_heads_only`)
 
     @classmethod
     def from_pretrained(
@@ -98,6 +123,60 @@ class FrozenTarget(nn.Module):
         ids = layer_ids if layer_ids is not None else default_target_layer_ids(num_layers, num_draft_layers)
         log.info("target %s: %d layers, tapping %s", path, num_layers, ids)
         return cls(model, ids)
+
+    @classmethod
+    def load_heads_only(
+        cls,
+        path: str | Path,
+        layer_ids: list[int] | None = None,
+        num_draft_layers: int = 5,
+        dtype: torch.dtype | str = "auto",
+    ) -> FrozenTarget:
+        """Load only the input embedding and LM head of a local safetensors checkpoint.
+
+        What the drafter borrows when training reads target features from `data.feature_cache`:
+        the decoder layers are never read from disk nor allocated (for Qwen3-8B, about 2.5 GB of
+        bf16 weights instead of 16 GB). Such a target cannot run (`forward` says so).
+        """
+        from safetensors import safe_open
+
+        local = Path(path).expanduser()
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"target checkpoint not found: {path!s} has no config.json")
+        config = AutoConfig.from_pretrained(str(local))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        wanted = {f"{names[id(emb)]}.weight": emb}
+        tied = head.weight is emb.weight
+        if not tied:
+            wanted[f"{names[id(head)]}.weight"] = head
+        files = _safetensors_files(local, list(wanted))
+        for key, module in wanted.items():
+            with safe_open(str(files[key]), framework="pt") as f:
+                weight = f.get_tensor(key)
+            if dtype != "auto":
+                weight = weight.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+            module.weight = nn.Parameter(weight, requires_grad=False)
+        if tied:
+            head.weight = emb.weight
+        # Everything else stays on the meta device (no memory); drop the decoder layers so that
+        # moving the module to a device touches only real tensors.
+        for parent in model.modules():
+            for child_name, child in list(parent.named_children()):
+                if child is not emb and child is not head and not any(
+                        p.device.type != "meta" for p in child.parameters()):
+                    setattr(parent, child_name, nn.Identity())
+        for m in model.modules():  # rotary inv_freq and similar buffers of kept modules
+            for b_name, buf in list(m.named_buffers(recurse=False)):
+                if buf.device.type == "meta":
+                    delattr(m, b_name)
+        num_layers = _num_layers(config)
+        ids = layer_ids if layer_ids is not None else default_target_layer_ids(num_layers, num_draft_layers)
+        log.info("target %s: embedding and LM head only (%s parameters; %d decoder layers not loaded), tapping %s",
+                 path, f"{sum(p.numel() for p in model.parameters()):,}", num_layers, ids)
+        return cls(model, ids, heads_only=True)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig | dict, layer_ids: list[int] | None = None,
@@ -146,6 +225,9 @@ class FrozenTarget(nn.Module):
         return_logits: bool = True,
         logits_to_keep: int = 0,
     ) -> TargetOutput:
+        if self.heads_only:
+            raise RuntimeError("this target holds only its embedding and LM head (loaded for data.feature_cache), "
+                               "so it cannot run; load it in full with FrozenTarget.from_pretrained")
         kwargs = {}
         if past_key_values is not None:
             kwargs[self._cache_kwarg] = past_key_values
