@@ -88,7 +88,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     """Logging interval in optimizer steps."""
     enable_progress_bar: bool = True
-    """Show the progress bar."""
+    """Show progress: a bar on a terminal, log lines every `progress_every_s` otherwise (Slurm logs, pipes)."""
+    progress_every_s: float = 30.0
+    """Without a terminal: seconds between progress lines (step, metrics, it/s, elapsed, eta)."""
     deterministic: bool = False
     """torch deterministic algorithms (slower)."""
 

@@ -31,6 +31,7 @@ from metattt.distributed import make_strategy
 from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig, is_ar_checkpoint
 from metattt.models.drafter import BlockDrafter, DrafterConfig
 from metattt.models.target import FrozenTarget
+from metattt.progress import ProgressLines, has_terminal
 
 log = logging.getLogger("metattt")
 
@@ -125,6 +126,13 @@ def build_drafter(args: DrafterArgs, target: FrozenTarget,
     return BlockDrafter(config).attach_target(target)
 
 
+def progress_callbacks(trainer: TrainerConfig, stage: str) -> list:
+    """Log lines instead of the bar where there is no terminal to draw it on."""
+    if trainer.enable_progress_bar and not has_terminal():
+        return [ProgressLines(stage, trainer.progress_every_s)]
+    return []
+
+
 def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epochs: int, max_steps: int,
                  grad_clip: float | None, checkpoint_every_n_steps: int, val_check_interval=1.0,
                  limit_val_batches=1.0, accumulate_grad_batches: int = 1, monitor: str | None = None,
@@ -148,6 +156,7 @@ def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epoc
         DataPosition(),
         StepSeeder(run.seed),
         PreemptionCheckpoint(ckpt_dir),
+        *progress_callbacks(trainer, stage),
         *(extra_callbacks or []),
     ]
     return L.Trainer(
@@ -169,7 +178,7 @@ def make_trainer(run: RunConfig, trainer: TrainerConfig, stage: str, *, max_epoc
                                find_unused_parameters=stage == "meta"),
         precision=trainer.precision,
         log_every_n_steps=trainer.log_every_n_steps,
-        enable_progress_bar=trainer.enable_progress_bar,
+        enable_progress_bar=trainer.enable_progress_bar and has_terminal(),
         deterministic=trainer.deterministic,
         plugins=[AtomicCheckpointIO(), *_cluster_plugins()],
         inference_mode=inference_mode,
@@ -343,7 +352,8 @@ def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs
     trainer = L.Trainer(
         default_root_dir=out_dir, logger=TensorBoardLogger(save_dir=str(out_dir), name="tb"),
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy, enable_progress_bar=trainer_cfg.enable_progress_bar,
+        strategy=trainer_cfg.strategy, enable_progress_bar=trainer_cfg.enable_progress_bar and has_terminal(),
+        callbacks=progress_callbacks(trainer_cfg, "eval"),
         inference_mode=False,  # prefill TTT takes gradients
         use_distributed_sampler=False,  # prompts are sharded below: no padding duplicates
         enable_model_summary=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,20 @@ def test_two_step_distill_checkpoints_resumes_and_exports(workspace):
     native.attach_target(target)
     torch.testing.assert_close(_outputs(drafter, target), _outputs(native, target), rtol=0, atol=0)
     assert (out / "distill" / "tb").is_dir()
+
+
+def test_progress_lines_without_a_terminal(workspace, tmp_path, caplog):
+    """Under pytest stdout is not a terminal, as in a Slurm log: progress comes as log lines."""
+    args = recipe_args(workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=3",
+                       "--distill.val_check_interval=3", "--trainer.enable_progress_bar=true",
+                       "--trainer.progress_every_s=0")
+    with caplog.at_level("INFO", logger="metattt"):
+        main(["distill", *args])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill ")]
+    steps = [m for m in lines if re.match(r"distill step \d+/3 \(\d+%\) \| .*train/loss [\d.]+ .*\| [\d.]+ it/s "
+                                          r"\| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$", m)]
+    assert [int(m.split()[2].split("/")[0]) for m in steps] == [1, 2, 3, 3], lines  # every step, then the end
+    assert any(re.match(r"distill validation: \d+ batches \| .*val/loss [\d.]+", m) for m in lines), lines
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

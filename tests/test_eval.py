@@ -26,10 +26,13 @@ def _eval_args(workspace, tmp_path, *extra):
     )
 
 
-def test_eval_stage_writes_report_with_every_condition(workspace, tmp_path):
+def test_eval_stage_writes_report_with_every_condition(workspace, tmp_path, caplog):
     args = _eval_args(workspace, tmp_path)
     main(["meta-train", *args])
-    main(["eval", *args])
+    with caplog.at_level("INFO", logger="metattt"):  # no terminal here: progress as log lines
+        main(["eval", *args, "--trainer.enable_progress_bar=true", "--trainer.progress_every_s=0"])
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval batch ")]
+    assert [m.split()[2] for m in progress] == ["1/4", "2/4", "3/4", "4/4"], progress
     out = tmp_path / "t" / "eval"
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
