@@ -27,6 +27,10 @@ def _duration(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds))) if math.isfinite(seconds) else "?"
 
 
+def _metrics(trainer: L.Trainer, keep) -> list[str]:
+    return [f"{k} {float(v):.4g}" for k, v in sorted(trainer.progress_bar_metrics.items()) if keep(k)]
+
+
 class ProgressLines(Callback):
     """Rank 0 logs `stage step n/N (p%) | metrics | it/s | elapsed | eta` at most every `every_s`
     seconds during fit, and once per evaluation loop (validation, test) when it ends."""
@@ -58,7 +62,7 @@ class ProgressLines(Callback):
         parts = [f"{self.stage} step {step}"]
         if math.isfinite(total) and total > 0:
             parts[0] += f"/{int(total)} ({100 * step / total:.0f}%)"
-        parts += [f"{k} {float(v):.4g}" for k, v in sorted(trainer.progress_bar_metrics.items())]
+        parts += _metrics(trainer, lambda k: not k.startswith("val"))
         parts.append(f"{rate:.3g} it/s" if math.isfinite(rate) else "? it/s")
         parts.append(f"elapsed {_duration(elapsed)}")
         if math.isfinite(total) and rate > 0:
@@ -69,7 +73,7 @@ class ProgressLines(Callback):
     def _eval_line(self, trainer: L.Trainer, what: str, batches) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
             n = sum(int(b) for b in batches) if isinstance(batches, list) else int(batches)
-            metrics = [f"{k} {float(v):.4g}" for k, v in sorted(trainer.progress_bar_metrics.items())]
+            metrics = _metrics(trainer, lambda k: k.startswith("val")) if what == "validation" else []
             log.info(" | ".join([f"{self.stage} {what}: {n} batches", *metrics]))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
