@@ -448,7 +448,7 @@ def run_prepare(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
 # --- draft-guided decoding on context-learning tasks (metattt.guided) ---------------------------------
 def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
                     drafter_path: str | None, meta_lora_path: str | None, tiny_config=None) -> dict:
-    """run_eval's loading logic as a helper (run_eval itself is unchanged): the target, its tokenizer,
+    """What eval and guided-eval load: the target, its tokenizer,
     the peft-wrapped drafter, the exported TTT config, the LoRA inits ("zero", and "meta" when a
     meta-learned adapter exists) and the learned feature head (or None)."""
     import json

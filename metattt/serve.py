@@ -1,0 +1,105 @@
+"""Speculative decoding with prefill TTT from Python: what a serving loop calls per request.
+
+    spec = TTTSpeculator.from_pretrained("checkpoints/tiny/target", meta_lora_path="checkpoints/tiny/meta_lora")
+    out = spec.generate(prompt_ids, max_new_tokens=128)        # TTT on the prompt, then draft + verify
+    out.tokens, out.tau, out.adapt_time
+
+Every request adapts the drafter's LoRA from the meta-learned initialization on the features of
+its own prefill (`speculative_generate(..., on_prefill=...)`), so a request costs one target
+prefill, k TTT steps and the decoding loop, and nothing carries over between requests. The
+output is the target's own (greedy: token for token; sampling: in distribution), whatever the
+drafter does. This is the loop `metattt eval` measures as the `ttt_meta` condition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metattt.evaluate import prefill_ttt
+from metattt.models.lora import copy_lora, load_meta_lora, set_lora
+from metattt.models.target import FrozenTarget
+from metattt.spec.decode import GenerationResult, speculative_generate
+from metattt.ttt.inner import ParamDict
+from metattt.ttt.tasks import TTTConfig
+
+
+@dataclass
+class TTTSpeculator:
+    """A frozen target, a drafter with its meta-learned LoRA init, and the exported TTT settings."""
+
+    target: FrozenTarget
+    model: nn.Module  # peft-wrapped drafter; its LoRA is rewritten by every request
+    ttt: TTTConfig  # steps, inner lr(s), anchors, objective: as meta-training exported them
+    init: ParamDict  # the meta-learned LoRA every request adapts from
+    feature_head: nn.Module | None = None  # only for the feature-prediction TTT objective
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        target_path: str | Path,
+        meta_lora_path: str | Path,
+        drafter_path: str | Path | None = None,
+        dtype: torch.dtype | str = "auto",
+        device: str | torch.device = "cpu",
+    ) -> TTTSpeculator:
+        """Load the target, the drafter (by default the base the adapter names) and the adapter
+        folder `metattt meta-train` exported (`meta_lora/`: peft adapter + `ttt_config.json`)."""
+        from metattt.models.drafter import set_attn_implementation
+        from metattt.pipeline import load_drafter
+
+        meta_lora_path = Path(meta_lora_path)
+        if drafter_path is None:
+            config = meta_lora_path / "adapter_config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"no peft adapter at {meta_lora_path} (adapter_config.json): run meta-train")
+            drafter_path = json.loads(config.read_text()).get("base_model_name_or_path")
+            if not drafter_path or not (Path(drafter_path) / "config.json").is_file():
+                raise FileNotFoundError(f"the adapter names its drafter as {drafter_path!r}, which is not a drafter "
+                                        "folder here: pass drafter_path=")
+        drafter = load_drafter(drafter_path)
+        target = FrozenTarget.from_pretrained(target_path, layer_ids=list(drafter.config.target_layer_ids),
+                                              dtype=dtype).to(device)
+        drafter = drafter.to(device=device, dtype=target.embed_tokens.weight.dtype).attach_target(target)
+        model, ttt, extra = load_meta_lora(drafter, meta_lora_path)
+        model.eval()
+        feature_head = None
+        if "feature_head.weight" in extra:
+            weight = extra["feature_head.weight"].to(device)
+            feature_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device, dtype=weight.dtype)
+            feature_head.weight.data.copy_(weight)
+        if ttt.objective.attn_entropy:  # the entropy term reads attention weights: eager kernels
+            set_attn_implementation(model, "eager")
+        return cls(target, model, ttt, copy_lora(model), feature_head)
+
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | list[int],
+        max_new_tokens: int = 256,
+        eos_token_id: int | list[int] | None = None,
+        *,
+        adapt: bool = True,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        rule: str = "exact",
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
+        """One request, (P,) or (1, P) token ids. `adapt=False` drafts with the meta init as is.
+
+        `eos_token_id`: None takes the target config's. `seed` drives TTT's anchor sampling;
+        `generator` the sampling at temperature > 0.
+        """
+        device = self.target.embed_tokens.weight.device
+        ids = torch.as_tensor(prompt_ids, device=device)
+        ids = ids[None] if ids.dim() == 1 else ids
+        if eos_token_id is None:
+            eos_token_id = self.target.config.eos_token_id
+        set_lora(self.model, self.init)
+        hook = prefill_ttt(self.model, self.init, ids, self.ttt, seed, self.feature_head, []) if adapt else None
+        return speculative_generate(self.target, self.model, ids, max_new_tokens, eos_token_id, temperature=temperature,
+                                    top_p=top_p, rule=rule, generator=generator, on_prefill=hook)

@@ -1,0 +1,69 @@
+"""The Python serving entry point: load what meta-train exported, adapt per request, decode losslessly."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe_args
+
+from metattt.cli import main
+from metattt.evaluate import EvalConfig, condition_plan, evaluate_prompt
+from metattt.serve import TTTSpeculator
+from metattt.spec.decode import target_generate
+
+
+@pytest.fixture(scope="module")
+def exported(workspace, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve")
+    main(["meta-train", *recipe_args(
+        workspace, f"--run.output_root={out}", "--distill.max_steps=2", "--meta.max_steps=1",
+        "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4", "--meta.outer_anchors=4",
+        "--meta.inner_steps=2", "--meta.val_check_interval=1")])
+    return out / "t"
+
+
+def _prompts(n: int, length: int = 24) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 200, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def test_generate_adapts_per_request_and_matches_eval(workspace, exported):
+    spec = TTTSpeculator.from_pretrained(workspace / "target", exported / "meta_lora")
+    assert spec.ttt.steps == 2
+    a, b = _prompts(2)
+    first = spec.generate(a, max_new_tokens=16)
+    assert first.tokens == target_generate(spec.target, torch.tensor([a]), 16, spec.target.config.eos_token_id).tokens
+    assert first.adapt_time > 0
+    spec.generate(b, max_new_tokens=16)
+    again = spec.generate(a, max_new_tokens=16)
+    assert (again.tokens, again.accepted) == (first.tokens, first.accepted)  # nothing carried over from b
+    static = spec.generate(a, max_new_tokens=16, adapt=False)
+    assert static.adapt_time == 0 and static.tokens == first.tokens
+
+    # the same request as `metattt eval` runs it (ttt_meta condition, same seed)
+    cfg = EvalConfig(conditions=["ttt_meta"], max_new_tokens=16)
+    [record] = evaluate_prompt(spec.target, spec.model, a, condition_plan(cfg, spec.ttt),
+                               {"meta": spec.init}, cfg, spec.target.config.eos_token_id, seed=0)
+    assert (record["tokens"], record["accepted"]) == (first.tokens, first.accepted)
+
+
+def test_readme_python_example_runs(workspace, exported):
+    text = Path("README.md").read_text()
+    block = re.search(r"### From Python\n.*?```python\n(.*?)```", text, re.S)
+    assert block, "README has a '### From Python' section with a python block"
+    code = block.group(1)
+    code = code.replace('"checkpoints/tiny/target"', repr(str(workspace / "target")))
+    code = code.replace('"checkpoints/tiny/meta_lora"', repr(str(exported / "meta_lora")))
+    code = code.replace('"checkpoints/tiny/tokenizer"', repr(str(workspace / "target")))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = scope["out"]
+    assert out.tokens and out.tau >= 1.0
+
+
+def test_missing_adapter_says_what_to_run(tmp_path, workspace):
+    with pytest.raises(FileNotFoundError, match="meta-train"):
+        TTTSpeculator.from_pretrained(workspace / "target", tmp_path / "nothing")
