@@ -129,8 +129,9 @@ def _batch(vocab: int, B: int, T: int, device: torch.device) -> dict:
 
 
 def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, anchors: int,
-               algorithms: tuple[str, ...], reps: int) -> dict:
-    """Seconds and peak memory of one distill step and one meta step per algorithm, same tokens."""
+               algorithms: tuple[str, ...], reps: int, kl_weight: float | None = None) -> dict:
+    """Seconds and peak memory of one distill step and one meta step per algorithm, same tokens;
+    with `kl_weight`, also a distill step that mixes in KL to the target (`distill_kl`)."""
     device = batch["input_ids"].device
     S = model.config.block_size
     gamma = default_gamma(S)
@@ -138,12 +139,13 @@ def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, a
     opt = torch.optim.AdamW(phi.values(), lr=1e-4)
     obj = TTTObjective()
 
-    def distill_step() -> None:
-        feats = target(batch["input_ids"], return_logits=False).features
+    def distill_step(kl: float = 0.0) -> None:
+        t = target(batch["input_ids"], return_logits=False, return_final_hidden=kl > 0)
         valid = valid_anchor_mask(batch["loss_mask"], batch["attention_mask"], S)
         a, ok = sample_anchors(valid, anchors, torch.Generator().manual_seed(0))
-        out = block_prediction_loss(model, feats, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                    a, ok, S, model.config.mask_token_id, gamma)
+        out = block_prediction_loss(model, t.features, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                    a, ok, S, model.config.mask_token_id, gamma, target_hidden=t.final_hidden,
+                                    kl_weight=kl)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -165,10 +167,12 @@ def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, a
     # the same attention kernel for every row, so ratios compare algorithms, not kernels
     set_attn_implementation(model, "eager")
     runs = {"distill": distill_step, **{a: meta_step(a) for a in algorithms}}
+    if kl_weight:
+        runs["distill_kl"] = lambda: distill_step(kl_weight)
     times = _interleaved_medians(runs, device, reps)
     out["distill_s"] = times["distill"]
     out["distill_mem"] = _peak(distill_step, device)
-    for algo in algorithms:
+    for algo in [*algorithms, *(["distill_kl"] if kl_weight else [])]:
         t = times[algo]
         m = _peak(runs[algo], device)
         out[algo] = {"seconds": t, "step_ratio": t / out["distill_s"], "mem_ratio": m / max(1, out["distill_mem"])}
@@ -278,7 +282,8 @@ def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: 
                   "context_len": ctx, "inner_steps": k, "anchors": anchors},
     }
     log.info("bench: meta-step costs")
-    results["meta_step"] = step_costs(target, model, batch, ctx, k, anchors, ("maml", "fomaml", "reptile"), reps)
+    results["meta_step"] = step_costs(target, model, batch, ctx, k, anchors, ("maml", "fomaml", "reptile"), reps,
+                                      kl_weight=0.5)
     log.info("bench: TTT vs prefill")
     lengths = [n for n in lengths if n <= tcfg["max_position_embeddings"]]
     results["ttt_prefill"] = ttt_prefill_costs(target, model, lengths, 5, anchors, reps)
@@ -313,6 +318,10 @@ def format_tables(res: dict) -> str:
     for algo in ("maml", "fomaml", "reptile"):
         v = res["meta_step"][algo]
         lines.append(f"| {algo} | {_f(v['step_ratio'])} | {_f(v['mem_ratio'])} |")
+    if "distill_kl" in res["meta_step"]:
+        v = res["meta_step"]["distill_kl"]
+        lines.append(f"| distill step with KL to the target (w = 0.5), for scale | {_f(v['step_ratio'])} | "
+                     f"{_f(v['mem_ratio'])} |")
     lines += ["", "| prompt tokens | 5 TTT steps ÷ target prefill |", "|---|---|"]
     for row in res["ttt_prefill"]:
         lines.append(f"| {row['prompt_len']} | {_f(row['ttt_over_prefill'])} |")

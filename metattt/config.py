@@ -117,6 +117,9 @@ class DistillConfig:
     """Blocks sampled per sequence."""
     gamma: float | None = None
     """Position decay exp(-(k-1)/γ); None: 7 for block 16, 5 for 10, 4 for 8."""
+    kl_weight: float = 0.0
+    """Loss = (1 - w)·CE(next tokens) + w·KL(target ‖ drafter) per draft; 0: CE only (DFlash). The
+    target's distribution comes from its own forward, so w > 0 cannot read data.feature_cache."""
     val_check_interval: int | float = 1.0
     """Validate every N steps (int) or fraction of an epoch (float)."""
     limit_val_batches: int | float = 1.0

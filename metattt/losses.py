@@ -109,9 +109,17 @@ def block_targets(
 
 @dataclass
 class BlockLoss:
-    loss: torch.Tensor  # scalar, weighted mean CE
+    loss: torch.Tensor  # scalar, weighted mean of (1 - w_kl)·CE + w_kl·KL (CE alone without a teacher)
     correct: torch.Tensor  # (B, N, S-1) bool: argmax == label
     weights: torch.Tensor  # (B, N, S-1)
+    ce: torch.Tensor | None = None  # scalar, detached: weighted mean CE (with a teacher)
+    kl: torch.Tensor | None = None  # scalar, detached: weighted mean KL(target ‖ drafter) (with a teacher)
+
+
+def teacher_positions(anchors: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
+    """(B, N, S-1): positions a..a+S-2, whose next-token distributions are the target's own for
+    the drafts of x_{a+1}..x_{a+S-1} (the autoregressive drafter's chain sits at the same positions)."""
+    return (anchors[:, :, None] + torch.arange(block_size - 1, device=anchors.device)).clamp(max=seq_len - 1)
 
 
 def decayed_block_ce(
@@ -131,31 +139,48 @@ def decayed_draft_ce(
     labels: torch.Tensor,  # (B, N, S-1)
     weights: torch.Tensor,  # (B, N, S-1)
     chunk_size: int = 4096,
+    teacher_hidden: torch.Tensor | None = None,  # (B, N, S-1, H) target's final hidden before each draft
+    kl_weight: float = 0.0,
 ) -> BlockLoss:
     """Σ w·CE / Σ w over the drafts of every block, computing logits in chunks.
 
     At real vocab sizes the logits dominate memory; chunking bounds the live fp32 logits to
     `chunk_size` positions at a time (each chunk is still part of the autograd graph).
+    With `teacher_hidden` (the target's normed last-layer state at the position before each
+    draft: `lm_head` of it is the target's distribution of that token), each draft's loss is
+    (1 - kl_weight)·CE + kl_weight·KL(p_target ‖ p_drafter).
     """
     h = hidden.reshape(-1, hidden.shape[-1])  # (M, H)
     y = labels.reshape(-1)
     w = weights.reshape(-1)
     keep = w > 0  # only supervised positions get logits
     h, y, w_kept = h[keep], y[keep], w[keep]
+    t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep] if teacher_hidden is not None else None
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; fp64 stays fp64 (tests)
     total = torch.zeros((), device=hidden.device, dtype=acc_dtype)
+    ce_total = torch.zeros((), device=hidden.device, dtype=acc_dtype)
+    kl_total = torch.zeros((), device=hidden.device, dtype=acc_dtype)
     correct_kept = torch.zeros_like(y, dtype=torch.bool)
     for start in range(0, h.shape[0], chunk_size):
-        logits = lm_head(h[start : start + chunk_size]).to(acc_dtype)  # (m, V)
-        ce = F.cross_entropy(logits, y[start : start + chunk_size], reduction="none")
-        total = total + (ce * w_kept[start : start + chunk_size]).sum()
-        correct_kept[start : start + chunk_size] = logits.detach().argmax(-1) == y[start : start + chunk_size]
+        chunk = slice(start, start + chunk_size)
+        logits = lm_head(h[chunk]).to(acc_dtype)  # (m, V)
+        per_draft = ce = F.cross_entropy(logits, y[chunk], reduction="none")  # (m,)
+        if t is not None:
+            with torch.no_grad():
+                t_logp = torch.log_softmax(lm_head(t[chunk]).to(acc_dtype), -1)  # (m, V)
+            kl = (t_logp.exp() * (t_logp - torch.log_softmax(logits, -1))).sum(-1)  # (m,)
+            per_draft = (1.0 - kl_weight) * ce + kl_weight * kl
+            ce_total = ce_total + (ce.detach() * w_kept[chunk]).sum()
+            kl_total = kl_total + (kl.detach() * w_kept[chunk]).sum()
+        total = total + (per_draft * w_kept[chunk]).sum()
+        correct_kept[chunk] = logits.detach().argmax(-1) == y[chunk]
     if h.shape[0] == 0:  # no supervised position in this batch: a zero loss that still has a graph
         total = hidden.sum().to(acc_dtype) * 0.0
     denom = w.sum().clamp_min(1e-8)
     correct = torch.zeros_like(labels, dtype=torch.bool).reshape(-1)
     correct[keep] = correct_kept
-    return BlockLoss(loss=total / denom, correct=correct.view_as(labels), weights=weights)
+    parts = dict(ce=ce_total / denom, kl=kl_total / denom) if t is not None else {}
+    return BlockLoss(loss=total / denom, correct=correct.view_as(labels), weights=weights, **parts)
 
 
 def expected_acceptance_length(correct: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -188,8 +213,7 @@ def draft_hidden(
     Either way the drafts of a block read only target features of positions before its anchor.
     """
     if drafter_kind(drafter) == "autoregressive":
-        T = input_ids.shape[1]
-        pos = (anchors[:, :, None] + torch.arange(block_size - 1, device=anchors.device)).clamp(max=T - 1)
+        pos = teacher_positions(anchors, block_size, input_ids.shape[1])
         chain = input_ids.gather(1, pos.flatten(1)).view_as(pos)  # (B, N, S-1): true tokens x_a..x_{a+S-2}
         return drafter(chain, anchors, context_features=context_features, context_valid=context_valid)
     blocks = make_blocks(input_ids, anchors, block_size, mask_token_id)  # (B, N, S)
@@ -208,8 +232,11 @@ def block_prediction_loss(
     block_size: int,
     mask_token_id: int,
     gamma: float,
+    target_hidden: torch.Tensor | None = None,  # (B, T, H) target's final hidden states, for KL
+    kl_weight: float = 0.0,
 ) -> BlockLoss:
-    """The drafter's training objective: decayed CE of every sampled block.
+    """The drafter's training objective: decayed CE of every sampled block (mixed with KL to the
+    target's own next-token distributions when `target_hidden` is given, see `decayed_draft_ce`).
 
     Callers decide what the drafter may see by what they pass: the meta inner loss passes the
     context prefix only, so no continuation token or feature can reach it.
@@ -217,4 +244,9 @@ def block_prediction_loss(
     labels, weights = block_targets(input_ids, loss_mask, anchors, anchor_ok, block_size, gamma)
     valid = attention_mask.bool() if attention_mask is not None else None
     hidden = draft_hidden(drafter, input_ids, anchors, block_size, mask_token_id, features, valid)  # (B, N, S-1, H)
-    return decayed_draft_ce(hidden, drafter.logits, labels, weights)
+    teacher = None
+    if target_hidden is not None:
+        pos = teacher_positions(anchors, block_size, input_ids.shape[1])  # (B, N, S-1)
+        teacher = target_hidden.gather(1, pos.flatten(1)[:, :, None].expand(-1, -1, target_hidden.shape[-1]))
+        teacher = teacher.view(*pos.shape, -1)  # (B, N, S-1, H)
+    return decayed_draft_ce(hidden, drafter.logits, labels, weights, teacher_hidden=teacher, kl_weight=kl_weight)

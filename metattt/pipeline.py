@@ -227,6 +227,9 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
     """Distill a drafter and export it to `{out}/drafter/` (DFlash layout). Returns that folder."""
     from metattt.lit.distill import DistillModule
 
+    if distill.kl_weight > 0 and data.get("feature_cache"):
+        raise ValueError("distill.kl_weight > 0 needs the target's own next-token distributions, which the "
+                         "feature cache does not hold: unset data.feature_cache or set distill.kl_weight=0")
     L.seed_everything(run.seed, workers=True)
     # with cached features the target never runs: only the embedding and head the drafter borrows
     target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config,
@@ -237,7 +240,7 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
     check_feature_cache(dm, target)
     module = DistillModule(target, drafter, lr=distill.lr, weight_decay=distill.weight_decay,
                            warmup_ratio=distill.warmup_ratio, num_anchors=distill.num_anchors,
-                           gamma=distill.gamma, seed=run.seed)
+                           gamma=distill.gamma, seed=run.seed, kl_weight=distill.kl_weight)
     trainer = make_trainer(run, trainer_cfg, "distill", max_epochs=distill.max_epochs, max_steps=distill.max_steps,
                            grad_clip=distill.grad_clip, checkpoint_every_n_steps=distill.checkpoint_every_n_steps,
                            val_check_interval=distill.val_check_interval, limit_val_batches=distill.limit_val_batches,

@@ -23,8 +23,8 @@ def test_step_costs_measure_every_algorithm_and_second_order_keeps_more_memory()
     ids = torch.randint(2, 96, (2, 48), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
     res = step_costs(target, model, batch, context_len=24, inner_steps=2, anchors=8,
-                     algorithms=("maml", "fomaml", "reptile"), reps=1)
-    for algo in ("maml", "fomaml", "reptile"):
+                     algorithms=("maml", "fomaml", "reptile"), reps=1, kl_weight=0.5)
+    for algo in ("maml", "fomaml", "reptile", "distill_kl"):
         assert res[algo]["step_ratio"] > 0 and res[algo]["mem_ratio"] > 0
     # second order keeps every inner step's graph alive for the outer backward
     assert res["maml"]["mem_ratio"] > res["fomaml"]["mem_ratio"]

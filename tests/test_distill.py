@@ -70,6 +70,27 @@ def test_progress_lines_without_a_terminal(workspace, tmp_path, caplog):
     assert any(re.match(r"distill validation: \d+ batches \| .*val/loss [\d.]+", m) for m in lines), lines
 
 
+def test_distill_with_kl_to_the_target(workspace, tmp_path):
+    args = recipe_args(workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=2", "--distill.kl_weight=0.5",
+                       "--distill.val_check_interval=2")
+    main(["distill", *args])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = (tmp_path / "t" / "distill" / "tb").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/ce", "train/kl", "val/ce", "val/kl"} <= tags
+    [(kl,)] = [(e.value,) for e in acc.Scalars("val/kl")]
+    [(ce,)] = [(e.value,) for e in acc.Scalars("val/ce")]
+    [(loss,)] = [(e.value,) for e in acc.Scalars("val/loss")]
+    assert kl > 0 and abs(loss - (0.5 * ce + 0.5 * kl)) < 1e-4
+    with pytest.raises(ValueError, match="feature cache"):
+        main(["distill", *args, f"--data.feature_cache={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match="kl_weight must be in"):
+        main(["distill", *recipe_args(workspace, f"--run.output_root={tmp_path}", "--distill.kl_weight=2")])
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_parses(recipe):
     stage, r = parse_recipe(["distill", "--config", str(recipe)])

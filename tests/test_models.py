@@ -170,6 +170,42 @@ def test_drafter_overfits_a_fixed_batch():
     assert out.loss.item() < 0.5, f"drafter failed to overfit: {first:.2f} -> {out.loss.item():.2f}"
 
 
+def test_kl_distillation_matches_the_targets_own_next_token_distributions(tiny_target, tiny_drafter):
+    """KL(p_target ‖ p_drafter) of draft k uses the target's logits at position a+k-1, computed
+    here independently from the full logits of one target forward; w mixes CE and KL."""
+    import torch.nn.functional as F
+
+    from metattt.losses import draft_hidden
+
+    torch.manual_seed(0)
+    ids = torch.randint(2, 96, (2, 24))
+    attn = torch.ones_like(ids)
+    lmask = (torch.rand(2, 24) > 0.2).long()
+    out = tiny_target(ids, return_final_hidden=True)
+    anchors, ok = sample_anchors(valid_anchor_mask(lmask, attn, 4), 6, torch.Generator().manual_seed(1))
+    args = (tiny_drafter, out.features, ids, attn, lmask, anchors, ok, 4, MASK_ID, 2.0)
+
+    labels, w = block_targets(ids, lmask, anchors, ok, 4, 2.0)
+    logp = torch.log_softmax(tiny_drafter.logits(draft_hidden(tiny_drafter, ids, anchors, 4, MASK_ID, out.features)), -1)
+    pos = anchors[:, :, None] + torch.arange(3)  # (B, N, S-1): the position before each draft
+    t_logp = torch.log_softmax(torch.stack([out.logits[b, pos[b]] for b in range(2)]), -1)  # (B, N, S-1, V)
+    kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+    ce = F.nll_loss(logp.flatten(0, 2), labels.flatten(), reduction="none").view_as(labels)
+    expect_kl, expect_ce = (kl * w).sum() / w.sum(), (ce * w).sum() / w.sum()
+    assert expect_kl > 0.01 and (kl[w > 0] >= 0).all()
+
+    only_ce = block_prediction_loss(*args)
+    torch.testing.assert_close(only_ce.loss, expect_ce, rtol=1e-5, atol=1e-6)
+    for weight in (0.0, 0.3, 1.0):
+        mixed = block_prediction_loss(*args, target_hidden=out.final_hidden, kl_weight=weight)
+        torch.testing.assert_close(mixed.kl, expect_kl, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mixed.ce, expect_ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mixed.loss, (1 - weight) * expect_ce + weight * expect_kl, rtol=1e-5, atol=1e-6)
+    mixed.loss.backward()  # gradients reach the drafter only (the target is frozen, its logits detached)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_drafter.parameters())
+    assert all(p.grad is None for p in tiny_target.parameters())
+
+
 def test_dflash_layout_round_trip(tmp_path, tiny_target, tiny_drafter):
     path = tiny_drafter.save_pretrained(tmp_path / "drafter")
     cfg = json.loads((path / "config.json").read_text())

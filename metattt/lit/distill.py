@@ -37,8 +37,12 @@ class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
         num_anchors: int = 512,
         gamma: float | None = None,
         seed: int = 0,
+        kl_weight: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= kl_weight <= 1.0:
+            raise ValueError(f"distill.kl_weight must be in [0, 1] (0: CE only, 1: KL only), got {kl_weight}")
+        self.kl_weight = kl_weight
         self.target = target
         self.drafter = drafter.attach_target(target)
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
@@ -60,22 +64,28 @@ class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
 
     def _step(self, batch: dict, batch_idx: int, stage: str):
         ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        final_hidden = None
         if "features" in batch:  # offline hidden-state cache (data.feature_cache)
+            if self.kl_weight > 0:
+                raise ValueError("distill.kl_weight > 0 needs the target's forward; the batch holds cached features")
             features = batch["features"]  # (B, T, n·H)
         else:
-            features = self.target(ids, attention_mask=attn, return_logits=False).features  # (B, T, n·H)
+            out = self.target(ids, attention_mask=attn, return_logits=False, return_final_hidden=self.kl_weight > 0)
+            features, final_hidden = out.features, out.final_hidden  # (B, T, n·H), (B, T, H) or None
         valid = valid_anchor_mask(lmask, attn, self.block_size)
         anchors, ok = sample_anchors(valid, self.num_anchors, self._anchor_generator(batch_idx, stage))
-        out = block_prediction_loss(
+        return block_prediction_loss(
             self.drafter, features, ids, attn, lmask, anchors, ok,
             self.block_size, self.drafter.config.mask_token_id, self.gamma,
+            target_hidden=final_hidden, kl_weight=self.kl_weight,
         )
-        return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self._step(batch, batch_idx, "train")
         self.train_acc.update(out.correct, out.weights > 0)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if out.kl is not None:
+            self.log_dict({"train/ce": out.ce, "train/kl": out.kl}, batch_size=batch["input_ids"].shape[0])
         return out.loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -86,6 +96,8 @@ class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
         out = self._step(batch, batch_idx, "val")
         self.val_acc.update(out.correct, out.weights > 0)
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        if out.kl is not None:
+            self.log_dict({"val/ce": out.ce, "val/kl": out.kl}, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def on_validation_epoch_end(self) -> None:
         self._log_acc(self.val_acc, "val")

@@ -51,6 +51,7 @@ class TargetOutput:
     features: torch.Tensor  # (B, T, n·H): tapped layers concatenated on the last dim
     logits: torch.Tensor | None  # (B, T, V), or None when not asked for
     past_key_values: object | None = None
+    final_hidden: torch.Tensor | None = None  # (B, T, H): last layer after the final norm (lm_head's input)
 
 
 def _safetensors_files(folder: Path, keys: list[str]) -> dict[str, Path]:
@@ -224,6 +225,7 @@ class FrozenTarget(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        return_final_hidden: bool = False,
     ) -> TargetOutput:
         if self.heads_only:
             raise RuntimeError("this target holds only its embedding and LM head (loaded for data.feature_cache), "
@@ -244,6 +246,7 @@ class FrozenTarget(nn.Module):
             features=features,
             logits=out.logits if return_logits else None,
             past_key_values=(getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if use_cache else None,
+            final_hidden=out.hidden_states[-1] if return_final_hidden else None,  # transformers: already normed
         )
 
     @property
