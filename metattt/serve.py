@@ -99,7 +99,11 @@ class TTTSpeculator:
         ids = ids[None] if ids.dim() == 1 else ids
         if eos_token_id is None:
             eos_token_id = self.target.config.eos_token_id
-        set_lora(self.model, self.init)
-        hook = prefill_ttt(self.model, self.init, ids, self.ttt, seed, self.feature_head, []) if adapt else None
-        return speculative_generate(self.target, self.model, ids, max_new_tokens, eos_token_id, temperature=temperature,
-                                    top_p=top_p, rule=rule, generator=generator, on_prefill=hook)
+        # TTT takes gradients, which a caller's torch.inference_mode() would forbid: leave it here
+        with torch.inference_mode(False):
+            ids = ids.clone()
+            set_lora(self.model, self.init)
+            hook = prefill_ttt(self.model, self.init, ids, self.ttt, seed, self.feature_head, []) if adapt else None
+            return speculative_generate(self.target, self.model, ids, max_new_tokens, eos_token_id,
+                                        temperature=temperature, top_p=top_p, rule=rule, generator=generator,
+                                        on_prefill=hook)

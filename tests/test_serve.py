@@ -40,6 +40,9 @@ def test_generate_adapts_per_request_and_matches_eval(workspace, exported):
     spec.generate(b, max_new_tokens=16)
     again = spec.generate(a, max_new_tokens=16)
     assert (again.tokens, again.accepted) == (first.tokens, first.accepted)  # nothing carried over from b
+    with torch.inference_mode():  # as serving code often runs; TTT still gets its gradients
+        served = spec.generate(torch.tensor(a), max_new_tokens=16)
+    assert (served.tokens, served.accepted) == (first.tokens, first.accepted)
     static = spec.generate(a, max_new_tokens=16, adapt=False)
     assert static.adapt_time == 0 and static.tokens == first.tokens
 

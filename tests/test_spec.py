@@ -191,6 +191,8 @@ def test_on_prefill_adapts_the_drafter_on_the_prefill_features(greedy_target, tr
     assert len(seen) == 1 and seen[0][1], "called once, with gradients enabled"
     torch.testing.assert_close(seen[0][0], greedy_target(prompt, return_logits=False).features)
     assert hooked.adapt_time > 0 and hooked.wall_time >= hooked.prefill_time + hooked.adapt_time
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        speculative_generate(greedy_target, model, prompt, 32, None, on_prefill=adapt)
     set_lora(model, harmful)
     preset = speculative_generate(greedy_target, model, prompt, 32, None)
     assert (hooked.tokens, hooked.accepted) == (preset.tokens, preset.accepted)  # drafted with the hook's LoRA

@@ -397,6 +397,9 @@ def speculative_generate(
     check_sampling_args(temperature, top_p)
     if temperature > 0 and rule not in ACCEPT_RULES:
         raise ValueError(f"unknown acceptance rule {rule!r}; choose one of {sorted(ACCEPT_RULES)}")
+    if on_prefill is not None and torch.is_inference_mode_enabled():
+        raise RuntimeError("on_prefill (prefill TTT) takes gradients, which torch.inference_mode() forbids: call "
+                           "speculative_generate outside it (metattt.serve.TTTSpeculator.generate does)")
     prompt = as_single_prompt(prompt_ids)
     device = prompt.device
     eos = eos_token_set(eos_token_id)
