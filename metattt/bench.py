@@ -111,7 +111,7 @@ def _peak(fn: Callable[[], None], device: torch.device) -> int:
 
 def build_models(target_config: dict, num_layers: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  lora_r: int = 16):
-    target = FrozenTarget.from_config(dict(target_config), num_draft_layers=num_layers).to(device=device, dtype=dtype)
+    target = FrozenTarget.from_config(dict(target_config), num_draft_layers=num_layers, dtype=dtype).to(device)
     cfg = DrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=target.layer_ids,
                                     num_hidden_layers=num_layers, block_size=block_size)
     drafter = BlockDrafter(cfg).to(device=device, dtype=dtype).attach_target(target)
@@ -179,19 +179,63 @@ def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, a
     return out
 
 
-def ttt_prefill_costs(target, model, lengths: list[int], steps: int, anchors: int, reps: int) -> list[dict]:
+def ttt_prefill_costs(target, model, lengths: list[int], steps: int, anchors: int, reps: int,
+                      more_anchors: tuple[int, ...] = ()) -> list[dict]:
+    """k TTT steps on `anchors` blocks of the prompt ÷ the target's prefill of it, by prompt length;
+    `more_anchors`: also TTT with these block counts, against the same prefill timing
+    (`ttt_over_prefill_by_anchors`): TTT's cost is mostly anchors × (S-1) rows of the vocabulary head."""
     device = next(target.parameters()).device
     init = copy_lora(model)
-    ttt = TTTConfig(steps=steps, lr=1e-3, num_anchors=anchors, gamma=default_gamma(model.config.block_size))
     set_attn_implementation(model, "sdpa")  # inference: first-order TTT runs on the fast kernel
     rows = []
     for T in lengths:
         ids = _batch(target.config.vocab_size, 1, T, device)["input_ids"]
-        prefill = _timeit(lambda ids=ids: target(ids, return_logits=False), device, reps)
-        feats = target(ids, return_logits=False).features
-        adapt = _timeit(lambda ids=ids, feats=feats: ttt_adapt(model, init, ids, feats, ttt), device, reps)
-        rows.append({"prompt_len": T, "prefill_s": prefill, "ttt_s": adapt, "ttt_over_prefill": adapt / prefill})
+        with torch.no_grad():
+            feats = target(ids, return_logits=False).features
+        runs = {"prefill": lambda ids=ids: target(ids, return_logits=False)}
+        for n in (anchors, *more_anchors):
+            ttt = TTTConfig(steps=steps, lr=1e-3, num_anchors=n, gamma=default_gamma(model.config.block_size))
+            runs[n] = lambda ids=ids, feats=feats, ttt=ttt: ttt_adapt(model, init, ids, feats, ttt)
+        t = _interleaved_medians(runs, device, reps)
+        row = {"prompt_len": T, "prefill_s": t["prefill"], "ttt_s": t[anchors],
+               "ttt_over_prefill": t[anchors] / t["prefill"]}
+        if more_anchors:
+            row["ttt_over_prefill_by_anchors"] = {str(n): t[n] / t["prefill"] for n in (anchors, *more_anchors)}
+        rows.append(row)
     return rows
+
+
+def real_shape_ttt(out: Path, lengths: list[int], anchor_counts: list[int], steps: int = 5, reps: int = 1) -> dict:
+    """TTT vs prefill at Qwen3-4B's shape (random weights, bf16, 5-layer drafter, block 16) on
+    whatever device there is: the cost goal's question for a target that dwarfs its drafter."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    log.info("bench: building a Qwen3-4B-shaped target in bf16 on %s", device)
+    target, model = build_models(QWEN3_4B, 5, 16, torch.bfloat16, device)
+    results = {"machine": _machine(device, "qwen3_4b_shape"),
+               "setup": {"target": {k: QWEN3_4B[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+                         "drafter_layers": 5, "block_size": 16, "dtype": "torch.bfloat16", "ttt_steps": steps,
+                         "lora_r": 16},
+               "ttt_prefill": ttt_prefill_costs(target, model, lengths, steps, anchor_counts[0], reps,
+                                                tuple(anchor_counts[1:]))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    print(format_real_shape(results))
+    return results
+
+
+def format_real_shape(res: dict) -> str:
+    rows = res["ttt_prefill"]
+    counts = list(rows[0].get("ttt_over_prefill_by_anchors", {str(res["setup"].get("anchors", "")): None}))
+    lines = [f"Machine: {res['machine']['device']}, torch {res['machine']['torch']}",
+             f"Setup: {json.dumps(res['setup'])}", "",
+             "| prompt tokens | target prefill (s) | " + " | ".join(f"5 TTT steps ÷ prefill, {n} blocks" for n in counts)
+             + " |", "|---|---|" + "---|" * len(counts)]
+    for row in rows:
+        by = row.get("ttt_over_prefill_by_anchors") or {counts[0]: row["ttt_over_prefill"]}
+        lines.append(f"| {row['prompt_len']} | {_f(row['prefill_s'], '.1f')} | "
+                     + " | ".join(_f(by[n]) for n in counts) + " |")
+    return "\n".join(lines)
 
 
 def draft_costs(target, num_layers: int, block_size: int, context_len: int, reps: int) -> dict:
@@ -250,6 +294,12 @@ def tau_section(config: str, reuse: bool) -> dict:
             "target_quality": {k: quality.get(k) for k in ("val_loss", "shifted_loss", "distinct_2", "distinct_4")}}
 
 
+def _machine(device: torch.device, preset: str) -> dict:
+    name = torch.cuda.get_device_name() if device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "preset": preset}
+
+
 def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bool = True) -> dict:
     device = torch.device("cuda" if full and torch.cuda.is_available() else "cpu")
     if full and device.type != "cuda":
@@ -275,8 +325,7 @@ def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: 
     batch = _batch(tcfg["vocab_size"], B, T, device)
     k = r.meta.inner_steps
     results: dict = {
-        "machine": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-                    "torch": torch.__version__, "preset": "full" if full else "quick"},
+        "machine": _machine(device, "full" if full else "quick"),
         "setup": {"target": {k2: tcfg[k2] for k2 in ("hidden_size", "num_hidden_layers", "vocab_size")},
                   "drafter_layers": layers, "block_size": S, "dtype": str(dtype), "batch": B, "seq_len": T,
                   "context_len": ctx, "inner_steps": k, "anchors": anchors},
@@ -364,7 +413,14 @@ def main(argv: list[str] | None = None) -> None:
                    "bench/results_gpu.json with --full)")
     p.add_argument("--skip-tau", action="store_true", help="costs only (no eval stage)")
     p.add_argument("--fresh-eval", action="store_true", help="evaluate again even if a newer eval report exists")
+    p.add_argument("--qwen3-4b-ttt", action="store_true",
+                   help="only TTT ÷ prefill at Qwen3-4B's shape (bf16; GPU if any, else CPU: ~15 GB RAM, ~20 min "
+                        "on 2 cores) -> bench/results_qwen3_4b_<cpu|gpu>.json")
     a = p.parse_args(argv)
+    if a.qwen3_4b_ttt:
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+        real_shape_ttt(a.out or Path(f"bench/results_qwen3_4b_{kind}.json"), [256, 1024, 4096], [16, 64])
+        return
     out = a.out or Path("bench/results_gpu.json" if a.full else "bench/results.json")
     run(a.config, a.full, out, a.skip_tau, reuse_eval=not a.fresh_eval)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -50,6 +51,18 @@ def test_ttt_prefill_rows_and_tables(tmp_path):
     readme_results.main(tmp_path)  # idempotent: the section is replaced, not appended again
     readme = (tmp_path / "README.md").read_text()
     assert readme.count("<!-- results:begin -->") == 1 and "| maml | 2.00 | 3.00 |" in readme
+
+    # the real-shape section: several block counts against one prefill timing per length
+    rows = ttt_prefill_costs(target, model, [32], steps=1, anchors=2, reps=1, more_anchors=(8,))
+    assert set(rows[0]["ttt_over_prefill_by_anchors"]) == {"2", "8"}
+    assert rows[0]["ttt_over_prefill_by_anchors"]["2"] == rows[0]["ttt_over_prefill"]
+    shape = {"machine": res["machine"], "setup": {"block_size": 4}, "ttt_prefill": rows}
+    (tmp_path / "bench" / "results_qwen3_4b_cpu.json").write_text(json.dumps(shape))
+    readme_results.main(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "### TTT vs prefill at Qwen3-4B's shape (CPU" in readme
+    assert "5 TTT steps ÷ prefill, 2 blocks | 5 TTT steps ÷ prefill, 8 blocks |" in readme
+    assert re.search(r"\| 32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", readme)
 
 
 def test_draft_costs_time_both_kinds():

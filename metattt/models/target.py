@@ -181,12 +181,13 @@ class FrozenTarget(nn.Module):
 
     @classmethod
     def from_config(cls, config: PretrainedConfig | dict, layer_ids: list[int] | None = None,
-                    num_draft_layers: int = 2, seed: int = 0) -> FrozenTarget:
-        """Build a randomly initialised target from a config (tests, tiny recipes)."""
+                    num_draft_layers: int = 2, seed: int = 0, dtype: torch.dtype | None = None) -> FrozenTarget:
+        """Build a randomly initialised target from a config (tests, tiny recipes, benchmarks);
+        `dtype` builds it in that dtype directly (a 4B model in bf16 never exists in fp32)."""
         if isinstance(config, dict):
             config = AutoConfig.for_model(**config)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
         num_layers = _num_layers(model.config)
         ids = layer_ids if layer_ids is not None else default_target_layer_ids(num_layers, num_draft_layers)
         return cls(model, ids)
