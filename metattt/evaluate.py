@@ -61,6 +61,9 @@ class EvalConfig:
     """TTT steps; None: what meta-training exported (ttt_config.json)."""
     ttt_lr: float | None = None
     """TTT inner lr; None: exported (learned lrs are used when present)."""
+    ttt_anchors: int | None = None
+    """Blocks of the prompt per TTT step; None: exported. TTT's cost is mostly these blocks' rows of
+    the vocabulary head (README: TTT vs prefill at Qwen3-4B's shape)."""
     grid_steps: list[int] | None = None
     """Optional grid over TTT steps (adds conditions ttt_*@steps=k)."""
     grid_lrs: list[float] | None = None
@@ -115,6 +118,8 @@ def condition_plan(cfg: EvalConfig, base_ttt: TTTConfig) -> list[tuple[str, TTTC
         ttt.steps = cfg.ttt_steps
     if cfg.ttt_lr is not None:
         ttt.lr, ttt.learned_lrs = cfg.ttt_lr, None
+    if cfg.ttt_anchors is not None:
+        ttt.num_anchors = cfg.ttt_anchors
     plan: list[tuple[str, TTTConfig | None]] = []
     for cond in cfg.conditions:
         if cond not in CONDITIONS:

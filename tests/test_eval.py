@@ -134,3 +134,14 @@ def test_two_processes_give_the_same_tau_as_one(workspace, tmp_path):
     key = ("split", "prompt", "condition", "accepted")
     assert sorted(tuple(str(r[k]) for k in key) for r in one["records"]) == \
         sorted(tuple(str(r[k]) for k in key) for r in two["records"])
+
+
+def test_eval_overrides_the_exported_ttt_settings():
+    exported = TTTConfig(steps=3, lr=0.5, num_anchors=8, gamma=2.0, learned_lrs=[0.1, 0.2])
+    cfg = EvalConfig(conditions=["static", "ttt_meta"], ttt_steps=5, ttt_lr=0.05, ttt_anchors=3, grid_steps=[1])
+    plan = dict(condition_plan(cfg, exported))
+    assert plan["static"] is None
+    assert (plan["ttt_meta"].steps, plan["ttt_meta"].lr, plan["ttt_meta"].num_anchors) == (5, 0.05, 3)
+    assert plan["ttt_meta"].learned_lrs is None and plan["ttt_meta@steps=1"].steps == 1
+    assert plan["ttt_meta@steps=1"].num_anchors == 3
+    assert (exported.steps, exported.num_anchors, exported.learned_lrs) == (3, 8, [0.1, 0.2])  # not mutated
