@@ -57,10 +57,13 @@ class TTTSpeculator:
             config = meta_lora_path / "adapter_config.json"
             if not config.is_file():
                 raise FileNotFoundError(f"no peft adapter at {meta_lora_path} (adapter_config.json): run meta-train")
-            drafter_path = json.loads(config.read_text()).get("base_model_name_or_path")
-            if not drafter_path or not (Path(drafter_path) / "config.json").is_file():
-                raise FileNotFoundError(f"the adapter names its drafter as {drafter_path!r}, which is not a drafter "
-                                        "folder here: pass drafter_path=")
+            named = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+            # meta-train names it relative to where it ran; the run folder also holds it beside meta_lora/
+            candidates = [Path(named), meta_lora_path.parent / Path(named).name] if named else []
+            drafter_path = next((c for c in candidates if (c / "config.json").is_file()), None)
+            if drafter_path is None:
+                raise FileNotFoundError(f"the adapter names its drafter as {named!r}, which is not a drafter folder "
+                                        "here: pass drafter_path=")
         drafter = load_drafter(drafter_path)
         target = FrozenTarget.from_pretrained(target_path, layer_ids=list(drafter.config.target_layer_ids),
                                               dtype=dtype).to(device)

@@ -67,6 +67,25 @@ def test_readme_python_example_runs(workspace, exported):
     assert out.tokens and out.tau >= 1.0
 
 
+def test_drafter_found_beside_the_adapter_from_another_working_directory(workspace, exported, tmp_path,
+                                                                          monkeypatch):
+    import json
+    import shutil
+
+    moved = tmp_path / "run"
+    shutil.copytree(exported / "meta_lora", moved / "meta_lora")
+    shutil.copytree(exported / "drafter", moved / "drafter")
+    cfg = json.loads((moved / "meta_lora" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "checkpoints/t/drafter"  # relative to wherever meta-train ran
+    (moved / "meta_lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)
+    spec = TTTSpeculator.from_pretrained(workspace / "target", moved / "meta_lora")
+    assert spec.generate(_prompts(1)[0], max_new_tokens=4).tokens
+    (moved / "drafter" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="drafter_path="):
+        TTTSpeculator.from_pretrained(workspace / "target", moved / "meta_lora")
+
+
 def test_missing_adapter_says_what_to_run(tmp_path, workspace):
     with pytest.raises(FileNotFoundError, match="meta-train"):
         TTTSpeculator.from_pretrained(workspace / "target", tmp_path / "nothing")
