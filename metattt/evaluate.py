@@ -168,8 +168,11 @@ def evaluate_prompt(
                 res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, **gen)
         else:
             init = inits["meta" if cond in ("meta_static", "ttt_meta") else "zero"]
-            set_lora(model, init)
-            adapt = None if ttt is None else prefill_ttt(model, init, ids, ttt, seed, feature_head, ttt_losses)
+            adapt = None
+            if ttt is None:
+                set_lora(model, init)
+            else:  # the hook adapts from `init` and writes the result before the drafter runs
+                adapt = prefill_ttt(model, init, ids, ttt, seed, feature_head, ttt_losses)
             res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, on_prefill=adapt, **gen)
         records.append(dict(
             condition=label, tokens=res.tokens, wall_time=res.wall_time, prefill_time=res.prefill_time,

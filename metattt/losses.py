@@ -164,11 +164,14 @@ def decayed_draft_ce(
     for start in range(0, h.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
         logits = lm_head(h[chunk]).to(acc_dtype)  # (m, V)
-        per_draft = ce = F.cross_entropy(logits, y[chunk], reduction="none")  # (m,)
-        if t is not None:
+        if t is None:
+            per_draft = ce = F.cross_entropy(logits, y[chunk], reduction="none")  # (m,)
+        else:
+            logp = torch.log_softmax(logits, -1)  # (m, V), shared by CE and KL
+            ce = F.nll_loss(logp, y[chunk], reduction="none")  # (m,)
             with torch.no_grad():
                 t_logp = torch.log_softmax(lm_head(t[chunk]).to(acc_dtype), -1)  # (m, V)
-            kl = (t_logp.exp() * (t_logp - torch.log_softmax(logits, -1))).sum(-1)  # (m,)
+            kl = (t_logp.exp() * (t_logp - logp)).sum(-1)  # (m,)
             per_draft = (1.0 - kl_weight) * ce + kl_weight * kl
             ce_total = ce_total + (ce.detach() * w_kept[chunk]).sum()
             kl_total = kl_total + (kl.detach() * w_kept[chunk]).sum()

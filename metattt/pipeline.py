@@ -454,20 +454,15 @@ def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
     """What eval and guided-eval load: the target, its tokenizer,
     the peft-wrapped drafter, the exported TTT config, the LoRA inits ("zero", and "meta" when a
     meta-learned adapter exists) and the learned feature head (or None)."""
-    import json
-
     from metattt.losses import default_gamma
-    from metattt.models.lora import add_lora, copy_lora, load_meta_lora
+    from metattt.models.lora import adapter_base_drafter, add_lora, copy_lora, load_ttt_adapter
     from metattt.ttt.tasks import TTTConfig
 
     meta_path = Path(meta_lora_path) if meta_lora_path else run.out_dir / "meta_lora"
     has_meta = (meta_path / "adapter_config.json").is_file()
-    path = Path(drafter_path) if drafter_path else None
-    if path is None:
-        path = run.out_dir / "drafter"
-        if has_meta:  # the adapter names its base (the meta-trained drafter when update_base was on)
-            base = json.loads((meta_path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            path = Path(base) if base and (Path(base) / "config.json").is_file() else path
+    # by default the adapter's base (the meta-trained drafter when update_base was on), else {out}/drafter
+    path = Path(drafter_path) if drafter_path else \
+        (adapter_base_drafter(meta_path) if has_meta else None) or run.out_dir / "drafter"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no drafter at {path}: run `make distill` (and `make meta-train`) first")
     target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
@@ -475,11 +470,7 @@ def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
     drafter = build_drafter(DrafterArgs(init_from=str(path)), target, tokenizer)
     feature_head = None
     if has_meta:
-        model, ttt, extra = load_meta_lora(drafter, meta_path)
-        if "feature_head.weight" in extra:
-            H = drafter.config.hidden_size
-            feature_head = torch.nn.Linear(H, H, bias=False)
-            feature_head.weight.data.copy_(extra["feature_head.weight"])
+        model, ttt, feature_head = load_ttt_adapter(drafter, meta_path)
     else:
         model = add_lora(drafter, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                          target_modules=lora_target_modules(lora, drafter), seed=run.seed)
@@ -487,10 +478,6 @@ def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
     inits = {"zero": _zero_init_lora(path, target, model.peft_config["default"], run.seed)}
     if has_meta:
         inits["meta"] = copy_lora(model)
-    if ttt.objective.attn_entropy:
-        from metattt.models.drafter import set_attn_implementation
-
-        set_attn_implementation(model, "eager")
     return dict(target=target, tokenizer=tokenizer, model=model, ttt=ttt, inits=inits, feature_head=feature_head,
                 drafter_path=path, meta_path=meta_path if has_meta else None)
 

@@ -13,7 +13,6 @@ drafter does. This is the loop `metattt eval` measures as the `ttt_meta` conditi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from metattt.evaluate import prefill_ttt
-from metattt.models.lora import copy_lora, load_meta_lora, set_lora
+from metattt.models.lora import adapter_base_drafter, copy_lora, load_ttt_adapter, set_lora
 from metattt.models.target import FrozenTarget
 from metattt.spec.decode import GenerationResult, speculative_generate
 from metattt.ttt.inner import ParamDict
@@ -49,34 +48,24 @@ class TTTSpeculator:
     ) -> TTTSpeculator:
         """Load the target, the drafter (by default the base the adapter names) and the adapter
         folder `metattt meta-train` exported (`meta_lora/`: peft adapter + `ttt_config.json`)."""
-        from metattt.models.drafter import set_attn_implementation
         from metattt.pipeline import load_drafter
 
         meta_lora_path = Path(meta_lora_path)
+        if not (meta_lora_path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no peft adapter at {meta_lora_path} (adapter_config.json): run meta-train")
         if drafter_path is None:
-            config = meta_lora_path / "adapter_config.json"
-            if not config.is_file():
-                raise FileNotFoundError(f"no peft adapter at {meta_lora_path} (adapter_config.json): run meta-train")
-            named = json.loads(config.read_text()).get("base_model_name_or_path") or ""
-            # meta-train names it relative to where it ran; the run folder also holds it beside meta_lora/
-            candidates = [Path(named), meta_lora_path.parent / Path(named).name] if named else []
-            drafter_path = next((c for c in candidates if (c / "config.json").is_file()), None)
+            drafter_path = adapter_base_drafter(meta_lora_path)
             if drafter_path is None:
-                raise FileNotFoundError(f"the adapter names its drafter as {named!r}, which is not a drafter folder "
-                                        "here: pass drafter_path=")
+                raise FileNotFoundError(f"the drafter that {meta_lora_path} names is not a drafter folder here: "
+                                        "pass drafter_path=")
         drafter = load_drafter(drafter_path)
         target = FrozenTarget.from_pretrained(target_path, layer_ids=list(drafter.config.target_layer_ids),
                                               dtype=dtype).to(device)
         drafter = drafter.to(device=device, dtype=target.embed_tokens.weight.dtype).attach_target(target)
-        model, ttt, extra = load_meta_lora(drafter, meta_lora_path)
+        model, ttt, feature_head = load_ttt_adapter(drafter, meta_lora_path)
         model.eval()
-        feature_head = None
-        if "feature_head.weight" in extra:
-            weight = extra["feature_head.weight"].to(device)
-            feature_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device, dtype=weight.dtype)
-            feature_head.weight.data.copy_(weight)
-        if ttt.objective.attn_entropy:  # the entropy term reads attention weights: eager kernels
-            set_attn_implementation(model, "eager")
+        if feature_head is not None:
+            feature_head = feature_head.to(device)
         return cls(target, model, ttt, copy_lora(model), feature_head)
 
     def generate(
@@ -105,8 +94,11 @@ class TTTSpeculator:
         # TTT takes gradients, which a caller's torch.inference_mode() would forbid: leave it here
         with torch.inference_mode(False):
             ids = ids.clone()
-            set_lora(self.model, self.init)
-            hook = prefill_ttt(self.model, self.init, ids, self.ttt, seed, self.feature_head, []) if adapt else None
+            hook = None
+            if adapt:  # the hook adapts from self.init and writes the result before the drafter runs
+                hook = prefill_ttt(self.model, self.init, ids, self.ttt, seed, self.feature_head, [])
+            else:
+                set_lora(self.model, self.init)
             return speculative_generate(self.target, self.model, ids, max_new_tokens, eos_token_id,
                                         temperature=temperature, top_p=top_p, rule=rule, generator=generator,
                                         on_prefill=hook)

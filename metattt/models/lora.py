@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -72,3 +73,31 @@ def load_meta_lora(drafter: BlockDrafter, path: Path, is_trainable: bool = True
     ttt = TTTConfig.load(path / TTT_CONFIG_NAME) if (path / TTT_CONFIG_NAME).is_file() else TTTConfig()
     extra = load_file(str(path / EXTRA_WEIGHTS_NAME)) if (path / EXTRA_WEIGHTS_NAME).is_file() else {}
     return model, ttt, extra
+
+
+def adapter_base_drafter(meta_path: str | Path) -> Path | None:
+    """The drafter folder a meta-learned adapter was trained on, or None when it is not found:
+    the adapter's `base_model_name_or_path` (meta-train writes it relative to where it ran), else
+    the folder of that name beside the adapter (a run folder holds `drafter/` and `meta_lora/`)."""
+    config = Path(meta_path) / "adapter_config.json"
+    named = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    if not named:
+        return None
+    candidates = (Path(named), Path(meta_path).parent / Path(named).name)
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
+
+
+def load_ttt_adapter(drafter: BlockDrafter, path: Path) -> tuple[PeftModel, TTTConfig, nn.Linear | None]:
+    """`load_meta_lora`, plus what TTT with it needs: the learned feature head (when meta-training
+    exported one) and eager attention when the TTT objective reads attention weights."""
+    from metattt.models.drafter import set_attn_implementation
+
+    model, ttt, extra = load_meta_lora(drafter, path)
+    feature_head = None
+    if "feature_head.weight" in extra:
+        weight = extra["feature_head.weight"]
+        feature_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        feature_head.weight.data.copy_(weight)
+    if ttt.objective.attn_entropy:
+        set_attn_implementation(model, "eager")
+    return model, ttt, feature_head
