@@ -1,4 +1,4 @@
-"""DFlash checkpoint layout: import released drafters, export ours so that DFlash / SGLang load them.
+"""DFlash checkpoint layout: import released drafters, export ours so that DFlash, SGLang and vLLM load them.
 
 A DFlash drafter folder is a Qwen3-style `config.json` (`architectures: ["DFlashDraftModel"]`,
 `block_size`, `num_target_layers`, `dflash_config: {mask_token_id, target_layer_ids}`) plus
@@ -8,29 +8,40 @@ safetensors weights with unprefixed names (`fc.weight`, `hidden_norm.weight`, `l
 * weights in one `model.safetensors`, or sharded as `model-0000x-of-0000y.safetensors` with a
   `model.safetensors.index.json` (only the files the index names are read);
 * bf16 (or any float) weights: the drafter is built in the weights' dtype;
-* extra config keys (`rope_scaling`, `rope_parameters`, `torch_dtype`/`dtype`, `layer_types`,
-  `use_sliding_window`, `transformers_version`, ...): kept verbatim and written back on export;
-* `block_size` at the top level or as `dflash_config.block_size` (DFlash reads the latter first);
-  `rope_theta` at the top level or in `rope_parameters` (transformers 5); a missing `head_dim`
-  or `num_key_value_heads` is derived as transformers derives it;
+* extra config keys (`torch_dtype`/`dtype`, `layer_types`, `use_sliding_window`,
+  `transformers_version`, `auto_map`, ...): kept verbatim and written back on export;
+* RoPE settings (`rope_scaling`, or transformers 5's `rope_parameters`): applied, through
+  transformers' own rope functions (`metattt.models.drafter.rotary_cos_sin`), and written back;
+* fields read as DFlash's reader (transformers' `Qwen3Config`) reads them: a missing field takes
+  Qwen3Config's default (`rope_theta` 10000, `head_dim` 128, `num_key_value_heads` 32, ...; see
+  `reader_defaults`); `rope_theta` at the top level or in `rope_parameters`; `block_size` at the
+  top level wins over `dflash_config.block_size` (a warning when both are there and disagree);
 * weight names with a `model.` / `drafter.` prefix, and copies of the target's `embed_tokens` /
   `lm_head` (the drafter borrows the target's, so they are dropped).
 
 What import refuses, loudly, instead of silently computing something else: DFlash variants with
 other layers (`DFlash2DraftModel`: dynamic convolutions, candidate selector), causal or
-sliding-window drafter layers, logit scaling / soft-capping, and activations other than SiLU.
-RoPE scaling (`rope_type` other than default, e.g. Llama-3.1's `llama3`) is kept in the config
-but not applied by the block drafter: import warns.
+sliding-window drafter layers, logit scaling / soft-capping, activations other than SiLU, a
+separately trained `mask_embedding.pt`, RoPE types transformers does not implement and partial
+rotary embeddings.
 
 Export writes the same layout, optionally cast (`dtype="bfloat16"` as released drafters are) and
 sharded (`max_shard_bytes`), and keeps the config keys an imported drafter came with, so
-import → export is a byte-identical round trip on tensors and an equal one on config.json.
+import → export is a byte-identical round trip on tensors and an equal one on config.json, except
+that keys readers fill differently when missing are always written (`block_size` at the top
+level, `head_dim`, `num_key_value_heads`, `rope_theta`: vLLM defaults rope_theta to 1e6, DFlash
+to 10000). Re-exporting an imported drafter copies every other file of the folder it came from
+(remote code such as `dflash.py`, README, licence) byte for byte; an `auto_map` entry whose code
+file is not in the export is dropped, so `AutoModel.from_pretrained(..., trust_remote_code=True)`
+never meets a reference it cannot follow.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -78,8 +89,7 @@ def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def check_supported(config: dict, source: str = "config.json") -> None:
-    """Raise for DFlash variants whose computation the block drafter does not reproduce; warn for
-    settings it ignores."""
+    """Raise for DFlash variants whose computation the block drafter does not reproduce."""
     archs = config.get("architectures") or [ARCHITECTURE]
     if any(a != ARCHITECTURE for a in archs):
         raise ValueError(f"{source}: architectures {archs} is not {ARCHITECTURE!r}; only the DFlash block "
@@ -90,38 +100,77 @@ def check_supported(config: dict, source: str = "config.json") -> None:
     if used:
         raise ValueError(f"{source}: uses DFlash features the block drafter does not implement: {used}")
     layer_types = config.get("layer_types") or []
-    if config.get("is_causal") or any(t != "full_attention" for t in layer_types):
+    if config.get("is_causal") or dflash.get("causal") or dflash.get("use_swa") \
+            or any(t != "full_attention" for t in layer_types):
         raise ValueError(f"{source}: causal / sliding-window drafter layers (layer_types={layer_types}, "
-                         f"is_causal={config.get('is_causal')}) are not supported; the block drafter attends "
-                         "bidirectionally inside a block")
+                         f"is_causal={config.get('is_causal')}, dflash_config.causal={dflash.get('causal')}, "
+                         f"dflash_config.use_swa={dflash.get('use_swa')}) are not supported; the block drafter "
+                         "attends bidirectionally inside a block")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act={config['hidden_act']!r}; the block drafter's MLP is SiLU-gated")
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = config.get(key) or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", None):
-            log.warning("%s: %s has rope_type %r, which the block drafter does not apply (plain RoPE with "
-                        "rope_theta); it is kept in config.json on export", source, key, kind)
+
+
+@functools.lru_cache(maxsize=1)
+def reader_defaults() -> dict:
+    """What transformers' Qwen3Config (the class DFlash's `DFlashDraftModel` reads config.json with)
+    gives for fields config.json lacks, in the installed transformers."""
+    from transformers import Qwen3Config
+
+    c = Qwen3Config()
+    rope = getattr(c, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
+    return {"head_dim": c.head_dim, "num_key_value_heads": c.num_key_value_heads,
+            "intermediate_size": c.intermediate_size, "rms_norm_eps": c.rms_norm_eps,
+            "max_position_embeddings": c.max_position_embeddings, "attention_bias": c.attention_bias,
+            "num_hidden_layers": c.num_hidden_layers, "rope_theta": float(theta)}
+
+
+def _scaling_in(rope_parameters) -> dict | None:
+    """The RoPE settings of a transformers-5 `rope_parameters` dict beside rope_theta."""
+    if not isinstance(rope_parameters, dict):
+        return None
+    return {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+
+
+def _plain(scaling: dict | None) -> dict | None:
+    """None for settings that mean plain RoPE ({"rope_type": "default"}), else the settings."""
+    if scaling and (set(scaling) - {"rope_type", "type"} or scaling.get("rope_type", scaling.get("type")) != "default"):
+        return scaling
+    return None
 
 
 def _derived(d: dict, dflash: dict, name: str, cls_defaults: dict):
     """What a field reads back as when config.json lacks it (mirrors `config_from_dflash`)."""
-    if name == "head_dim":
-        return d["hidden_size"] // d["num_attention_heads"]
-    if name == "num_key_value_heads":
-        return d["num_attention_heads"]
     if name == "block_size":
         return dflash.get("block_size", cls_defaults["block_size"])
     if name == "rope_theta":
         rope = d.get("rope_parameters") or {}
-        return float(rope.get("rope_theta", cls_defaults["rope_theta"]))
+        return float(rope["rope_theta"]) if "rope_theta" in rope else reader_defaults()["rope_theta"]
+    if name == "rope_scaling":
+        return _scaling_in(d.get("rope_parameters"))
     if name == "num_target_layers":
         return max(dflash["target_layer_ids"]) + 4
+    if name in reader_defaults():
+        return reader_defaults()[name]
     return cls_defaults.get(name)
 
 
+#: DrafterConfig fields that are not config.json keys of their own.
+_NOT_KEYS = {"extra", "mask_token_id", "target_layer_ids", "source_keys", "source_path", "attn_implementation"}
+#: Keys whose absence readers fill differently (transformers' Qwen3Config, which DFlash reads with:
+#: head_dim 128, num_key_value_heads 32; DFlash reads block_size only at the top level): export
+#: writes them even where the source file lacked them. rope_theta likewise (DFlash 10000, vLLM 1e6),
+#: unless `rope_parameters` carries it.
+_ALWAYS_WRITTEN = ("block_size", "head_dim", "num_key_value_heads")
+
+
 def config_from_dflash(d: dict):
-    """A DFlash `config.json` dict → DrafterConfig (unknown keys kept in `extra`)."""
+    """A DFlash `config.json` dict → DrafterConfig (unknown keys kept in `extra`).
+
+    Read as DFlash's reader reads it: a field the file lacks takes transformers' Qwen3Config default
+    (`reader_defaults`), and a top-level `block_size` wins over `dflash_config.block_size` (warned
+    about when both are there and disagree).
+    """
     from dataclasses import MISSING, fields
 
     from metattt.models.drafter import DrafterConfig
@@ -133,21 +182,25 @@ def config_from_dflash(d: dict):
     for key in ("hidden_size", "vocab_size", "num_attention_heads"):
         if key not in d:
             raise ValueError(f"config.json lacks {key!r}")
-    fixed = {"extra", "mask_token_id", "target_layer_ids", "source_keys", "attn_implementation"}
+    if "block_size" in d and "block_size" in dflash and d["block_size"] != dflash["block_size"]:
+        log.warning("config.json has block_size %s at the top level and %s in dflash_config; using the top-level "
+                    "one, as DFlash does (export writes it to both places)", d["block_size"], dflash["block_size"])
     defaults = {f.name: f.default for f in fields(DrafterConfig) if f.default is not MISSING}
     source_keys = list(d)
     kwargs = {}
     for f in fields(DrafterConfig):
-        if f.name in fixed:
+        if f.name in _NOT_KEYS:
             continue
         value = d.pop(f.name, None)
-        if f.name == "block_size" and "block_size" in dflash:
-            value = dflash["block_size"]  # DFlash reads dflash_config first
-        if value is None:
-            if f.name not in defaults and f.name not in ("head_dim", "num_key_value_heads", "num_target_layers"):
+        if f.name == "num_key_value_heads" and value is None and f.name in source_keys:
+            value = kwargs["num_attention_heads"]  # an explicit null: Qwen3Config's "as many as query heads"
+        if value is None and f.name != "rope_scaling":
+            if f.name not in defaults and f.name not in reader_defaults() and f.name != "num_target_layers":
                 raise ValueError(f"config.json lacks {f.name!r}")
             value = _derived({**d, **kwargs}, dflash, f.name, defaults)
         kwargs[f.name] = value
+    if kwargs["rope_scaling"] is None:  # transformers 5 keeps rope_type and its parameters in rope_parameters
+        kwargs["rope_scaling"] = _scaling_in(d.get("rope_parameters"))
     kwargs["rope_theta"] = float(kwargs["rope_theta"])
     dflash_extra = {k: v for k, v in dflash.items() if k not in ("mask_token_id", "target_layer_ids")}
     extra = dict(d)
@@ -162,34 +215,46 @@ def config_to_dflash(cfg, dtype: torch.dtype | None = None) -> dict:
     """DrafterConfig → DFlash `config.json` dict.
 
     A drafter built here writes every field. One imported from a DFlash folder writes back the keys
-    it was read from (a field the file lacked is written only if its value no longer equals what
-    reading would derive), in the places it found them (`rope_parameters.rope_theta`,
-    `dflash_config.block_size`), so an import → export round trip gives an equal config.json.
-    `dtype`: the dtype of the exported weights; updates `torch_dtype`/`dtype` where present.
+    it was read from, in the places it found them (`rope_parameters.rope_theta` and its rope_type,
+    `dflash_config.block_size`), so an import → export round trip gives an equal config.json; a
+    field the file lacked is written only if its value no longer equals what reading would derive,
+    or if readers disagree on its default (`_ALWAYS_WRITTEN`, and `rope_theta` wherever the file
+    has no rope_theta at all). `dtype`: the dtype of the exported weights; updates
+    `torch_dtype`/`dtype` where present.
     """
     from dataclasses import MISSING, fields
 
     extra = json.loads(json.dumps(cfg.extra))  # deep copy
     dflash = dict(extra.pop("dflash_config", None) or {})
     source = set(cfg.source_keys) if cfg.source_keys is not None else None
-    fixed = {"extra", "mask_token_id", "target_layer_ids", "source_keys", "attn_implementation"}
     defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
-    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in fixed}
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_KEYS}
 
     out: dict = {"architectures": [ARCHITECTURE], "model_type": "qwen3"}
+    if source is None:  # what the layers are, for readers that build them from the file
+        out["hidden_act"] = "silu"
     out.update(extra)
     if "block_size" in dflash:
         dflash["block_size"] = cfg.block_size
     rope = out.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        rope["rope_theta"] = _same_type(rope["rope_theta"], cfg.rope_theta)
+    if isinstance(rope, dict):
+        if "rope_theta" in rope:
+            rope["rope_theta"] = _same_type(rope["rope_theta"], cfg.rope_theta)
+        if source is not None and "rope_scaling" not in source:  # the scaling lives here too
+            scaling = cfg.rope_scaling or {"rope_type": "default"}
+            for k in [k for k in rope if k != "rope_theta" and k not in scaling]:
+                del rope[k]
+            rope.update(scaling)
     probe = {**values, "rope_parameters": rope}
+    dflash_probe = {**dflash, "mask_token_id": cfg.mask_token_id, "target_layer_ids": cfg.target_layer_ids}
     for name, value in values.items():
-        if source is not None and name not in source:
+        if source is not None and name not in source and name not in _ALWAYS_WRITTEN:
             # written only if reading the file back without it would give another value
-            derived = _derived(probe, {**dflash, "mask_token_id": cfg.mask_token_id,
-                                       "target_layer_ids": cfg.target_layer_ids}, name, defaults)
-            if derived == value:
+            derived = _derived(probe, dflash_probe, name, defaults)
+            if name == "rope_scaling":
+                derived, value = _plain(derived), _plain(value)
+            explicit_theta = name == "rope_theta" and isinstance(rope, dict) and "rope_theta" in rope
+            if derived == value and (name != "rope_theta" or explicit_theta):
                 continue
         out[name] = value
     out["dflash_config"] = {**dflash, "mask_token_id": cfg.mask_token_id,
@@ -269,8 +334,13 @@ def import_dflash(path: str | Path, attn_implementation: str = "sdpa", strict: b
         raise FileNotFoundError(f"no drafter at {path}: expected config.json + *.safetensors")
     raw = json.loads((path / CONFIG_NAME).read_text())
     check_supported(raw, str(path / CONFIG_NAME))
+    if (path / "mask_embedding.pt").is_file():
+        raise ValueError(f"{path} has a mask_embedding.pt (a separately trained mask embedding that vLLM puts in "
+                         "place of the target's); the block drafter embeds its mask token with the target's "
+                         "embedding, so it would compute something else")
     config = config_from_dflash(raw)
     config.attn_implementation = attn_implementation
+    config.source_path = str(path.resolve())
     state = load_dflash_state_dict(path)
     model = BlockDrafter(config)
     expected = model.state_dict()
@@ -310,6 +380,8 @@ def export_dflash(drafter, path: str | Path, dtype: str | torch.dtype | None = N
     shards = _shard(state, max_shard_bytes)
     path = Path(path)
     with atomic_dir(path) as tmp:
+        copied = copy_source_files(getattr(base.config, "source_path", None), tmp, exclude=path)
+        _drop_unhonoured_auto_map(config, copied)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -325,6 +397,64 @@ def export_dflash(drafter, path: str | Path, dtype: str | torch.dtype | None = N
     return path
 
 
+def _is_weight_file(rel: Path) -> bool:
+    """Files export writes itself (config, weights, their index) or that would be stale weights."""
+    name = rel.name
+    return len(rel.parts) == 1 and (name in (CONFIG_NAME, INDEX_NAME, "pytorch_model.bin.index.json")
+                                    or name.endswith(".safetensors") or name.endswith(".bin"))
+
+
+def copy_source_files(source: str | Path | None, dest: Path, exclude: Path | None = None) -> set[str]:
+    """Copy every file of an imported drafter's folder but its config and weights (remote-code
+    `dflash.py`, README, licence, generation config, ...) byte for byte into `dest`, as it is on
+    disk now; `exclude`: a folder inside it to leave out (the export itself). Returns the copied
+    paths, relative to the folder."""
+    if source is None:
+        return set()
+    source = Path(source)
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    if not source.is_dir():
+        log.warning("the folder this drafter was imported from, %s, is gone: its other files (remote code, "
+                    "README, ...) are not in the export", source)
+        return set()
+    copied = set()
+    for f in sorted(source.rglob("*")):
+        rel = f.relative_to(source)
+        # hidden folders (.cache: huggingface_hub's bookkeeping, .git, an export's temp folder) are
+        # not part of the model; hidden files (.gitattributes) are
+        hidden_dir = len(rel.parts) > 1 and rel.parts[0].startswith(".")
+        inside_export = exclude is not None and f.resolve().is_relative_to(exclude)
+        if not f.is_file() or _is_weight_file(rel) or hidden_dir or inside_export:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest / rel)
+        copied.add(rel.as_posix())
+    return copied
+
+
+def _drop_unhonoured_auto_map(config: dict, files: set[str]) -> None:
+    """`auto_map` sends `AutoModel.from_pretrained(..., trust_remote_code=True)` to a code file
+    beside the weights; without that file it fails, so an entry whose file is not in the export
+    goes (entries naming another repository, `repo--module.Class`, stay)."""
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+    kept = {}
+    for auto_class, ref in auto_map.items():
+        refs = ref if isinstance(ref, list) else [ref]
+        local = [r for r in refs if isinstance(r, str) and "--" not in r]
+        missing = [r for r in local if r.rsplit(".", 1)[0].replace(".", "/") + ".py" not in files]
+        if missing:
+            log.warning("dropping auto_map[%r] = %r from the export: %s is not in the drafter's folder",
+                        auto_class, ref, ", ".join(r.rsplit(".", 1)[0] + ".py" for r in missing))
+            continue
+        kept[auto_class] = ref
+    if kept:
+        config["auto_map"] = kept
+    else:
+        del config["auto_map"]
+
+
 def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
     if not max_bytes:
         return [state]
@@ -338,3 +468,4 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
         shards[-1][k] = v
         size += n
     return shards
+

@@ -26,7 +26,8 @@ feature at position p, computed from x_0..x_p, the state that predicts x_{p+1}):
 - Self-attention is causal inside the chain and sees nothing else: the committed history reaches
   the drafter only through the target features. (The drafter has no KV cache of committed tokens,
   so no drafter state ever depends on how earlier verification steps went.)
-- RoPE positions are sequence positions, for queries and keys of both attentions.
+- RoPE positions are sequence positions, for queries and keys of both attentions; the RoPE is
+  the target's (rope_theta and rope_scaling, computed by transformers' rope functions).
 
 Inference (metattt.spec.decode): after the target committed x_0..x_c, the cross-attention cache
 holds f_0..f_{c-1} (the same context cache as the block drafter's: every committed position but
@@ -67,6 +68,7 @@ from metattt.models.drafter import (
     RMSNorm,
     TargetFeatureReader,
     apply_rotary,
+    rope_depends_on_length,
     rotary_cos_sin,
 )
 
@@ -98,7 +100,7 @@ class ARDrafterConfig(DrafterConfig):
             raise ValueError(f"ARDrafterConfig.kind must be {KIND!r}, got {self.kind!r}")
 
     def to_dict(self) -> dict:
-        skip = {"extra", "source_keys", "attn_implementation"}
+        skip = {"extra", "source_keys", "source_path", "attn_implementation"}
         own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return {"architectures": [ARCHITECTURE], "model_type": "metattt_ar_drafter", **self.extra, **own}
 
@@ -109,7 +111,7 @@ class ARDrafterConfig(DrafterConfig):
         if archs != [ARCHITECTURE]:
             raise ValueError(f"architectures {archs} is not [{ARCHITECTURE!r}]: not an autoregressive drafter")
         d.pop("model_type", None)
-        names = {f.name for f in fields(cls)} - {"extra", "source_keys", "attn_implementation"}
+        names = {f.name for f in fields(cls)} - {"extra", "source_keys", "source_path", "attn_implementation"}
         known = {k: d.pop(k) for k in list(d) if k in names}
         return cls(**known, extra=d)
 
@@ -313,7 +315,11 @@ class ARDrafter(TargetFeatureReader):
         x = self.embed(block_ids).reshape(B, N * L, -1).to(self.fc.weight.dtype)  # (B, N·L, H)
         offset = 0 if chain_cache is None else chain_cache.length
         pos = (anchors[:, :, None] + offset + torch.arange(L, device=anchors.device)).reshape(B, N * L)
-        cos, sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        # uncached: one length for the chains and the features, as one rotary call over both
+        span = None
+        if cache is None and context_features is not None and rope_depends_on_length(self.config):
+            span = max(context_features.shape[1], int(pos.max()) + 1)
+        cos, sin = rotary_cos_sin(pos, self.config, x.dtype, span)
         if chain_cache is None:
             self_mask = chain_self_mask(N, L, anchors.device)
         else:
@@ -330,7 +336,7 @@ class ARDrafter(TargetFeatureReader):
             if context_features is None:
                 raise ValueError("give context_features or a cache")
             C = context_features.shape[1]
-            ctx_kv = self.context_kv(context_features, torch.arange(C, device=anchors.device).expand(B, C))
+            ctx_kv = self.context_kv(context_features, torch.arange(C, device=anchors.device).expand(B, C), span)
             cross_mask = chain_cross_mask(anchors, C, L, context_valid)
         new_kv = []
         for i, (layer, kv) in enumerate(zip(self.layers, ctx_kv)):

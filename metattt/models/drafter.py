@@ -19,6 +19,7 @@ Weight names follow Qwen3 / released DFlash checkpoints (`fc.weight`, `hidden_no
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class DrafterConfig:
     intermediate_size: int = 9728
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    # RoPE beyond rope_theta, as the target's config names it (`rope_type` + its parameters, e.g.
+    # Llama 3.1's llama3); None = plain RoPE. cos/sin come from transformers' own rope functions.
+    rope_scaling: dict | None = None
     max_position_embeddings: int = 40960
     block_size: int = 16
     attention_bias: bool = False
@@ -54,6 +58,8 @@ class DrafterConfig:
     extra: dict = field(default_factory=dict)  # unknown config.json keys, kept for round trips
     # top-level keys of the config.json this was read from (None: built here); export writes them back
     source_keys: list[str] | None = field(default=None, repr=False, compare=False)
+    # folder this was imported from (None: built here); export copies its non-weight files
+    source_path: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
@@ -62,6 +68,7 @@ class DrafterConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        rope_type(self)  # an unknown or unsupported rope_scaling fails here, not at the first forward
 
     @property
     def num_features(self) -> int:
@@ -72,9 +79,13 @@ class DrafterConfig:
         """Width and head layout from the target's config, as the published DFlash drafters do."""
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
         rope_theta = getattr(text, "rope_theta", None)
         if rope_theta is None:  # transformers 5 keeps it in rope_parameters
-            rope_theta = (getattr(text, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+            rope_theta = rope.get("rope_theta", 10000.0)
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if set(scaling) <= {"rope_type", "type"} and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+            scaling = None  # plain RoPE: the config says nothing beyond rope_theta
         base = dict(
             hidden_size=text.hidden_size,
             vocab_size=text.vocab_size,
@@ -84,6 +95,7 @@ class DrafterConfig:
             intermediate_size=text.intermediate_size,
             rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
+            rope_scaling=scaling,
             max_position_embeddings=getattr(text, "max_position_embeddings", 40960),
             num_target_layers=text.num_hidden_layers,
         )
@@ -121,12 +133,98 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for integer positions (..., T) -> (..., T, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rope_type(config: DrafterConfig) -> str:
+    """The config's `rope_type` ("default" for plain RoPE); raises for what the drafter cannot apply."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = config.rope_scaling or {}
+    if any(isinstance(v, dict) for v in scaling.values()):
+        raise ValueError(f"rope_scaling {scaling} is nested per layer type; the drafter has one RoPE for all layers")
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"rope_scaling {scaling}: partial rotary embeddings are not supported (the drafter "
+                         "rotates whole heads, as Qwen3 does)")
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_type {kind!r} is not one transformers {_transformers_version()} implements: "
+                         f"choose one of {['default', *ROPE_INIT_FUNCTIONS]}")
+    return kind
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_frequencies(spec: str, seq_len: int | None, device: str) -> tuple[torch.Tensor, float]:
+    """transformers' own inverse frequencies and attention scaling for one RoPE setting.
+
+    `spec` is the JSON of `_rope_spec`; the config is the Qwen3Config that DFlash's drafter (and
+    vLLM's, through transformers) reads, so every rope_type transformers supports comes out as it
+    computes it. `seq_len` only for the length-dependent types (dynamic, longrope).
+    """
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = json.loads(spec)
+    scaling = d.pop("rope_scaling")
+    kind, extra = d.pop("rope_type"), {}
+    if kind == "longrope":  # transformers 4 reads it from the config, 5 from rope_parameters
+        extra["original_max_position_embeddings"] = scaling.get("original_max_position_embeddings",
+                                                                d["max_position_embeddings"])
+    hf = Qwen3Config(**d, **extra, rope_scaling=dict(scaling) if scaling else None)
+    if kind == "default":
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+        # transformers 4 lists "default" among the init functions; 5 keeps it on the model's rotary class
+        init = ROPE_INIT_FUNCTIONS.get("default", Qwen3RotaryEmbedding.compute_default_rope_parameters)
+    else:
+        init = ROPE_INIT_FUNCTIONS[kind]
+    inv_freq, scale = init(hf) if seq_len is None else init(hf, seq_len=seq_len)
+    return inv_freq.float().to(device), float(scale)
+
+
+def _rope_spec(config: DrafterConfig, kind: str) -> str:
+    return json.dumps({
+        "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings, "rope_theta": float(config.rope_theta),
+        "rope_scaling": config.rope_scaling or None, "rope_type": kind,
+    }, sort_keys=True)
+
+
+def rope_depends_on_length(config: DrafterConfig) -> bool:
+    """True for the RoPE types whose frequencies change with the sequence length (dynamic NTK,
+    longrope): a forward's positions must then be rotated with the same length."""
+    kind = rope_type(config)
+    return "dynamic" in kind or kind == "longrope"
+
+
+def rotary_cos_sin(positions: torch.Tensor, config: DrafterConfig, dtype: torch.dtype, seq_len: int | None = None):
+    """cos/sin tables for integer positions (..., T) -> (..., T, head_dim), as transformers'
+    rotary embedding computes them for `config`'s RoPE (rope_theta + rope_scaling).
+
+    `seq_len`: the length the length-dependent types (dynamic, longrope) scale for; None = the
+    largest position here + 1, what transformers' rotary embedding uses for one forward. The
+    other types ignore it.
+    """
+    kind = rope_type(config)
+    key_len = None
+    if rope_depends_on_length(config):
+        n = seq_len if seq_len is not None else (int(positions.max()) + 1 if positions.numel() else 0)
+        if kind == "longrope":  # transformers switches between its short and long factors
+            original = (config.rope_scaling or {}).get("original_max_position_embeddings",
+                                                       config.max_position_embeddings)
+            key_len = original + 1 if n > original else None
+        else:  # dynamic NTK rescales only past max_position_embeddings
+            key_len = max(n, config.max_position_embeddings)
+    inv_freq, scale = _rope_frequencies(_rope_spec(config, kind), key_len, str(positions.device))
+    if kind == "longrope":  # transformers keeps the attention scaling computed at init
+        scale = _rope_frequencies(_rope_spec(config, kind), None, str(positions.device))[1]
     angles = positions.float()[..., None] * inv_freq  # (..., T, d/2)
     emb = torch.cat([angles, angles], dim=-1)  # (..., T, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -306,9 +404,11 @@ class TargetFeatureReader(nn.Module):
         """(B, C, n·H) raw target features -> (B, C, H)."""
         return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
 
-    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor,
+                   seq_len: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer context K/V; `seq_len` as in `rotary_cos_sin` (the forward's, for dynamic RoPE)."""
         ctx = self.project_context(features)  # (B, C, H)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, ctx.dtype)
+        cos, sin = rotary_cos_sin(positions, self.config, ctx.dtype, seq_len)
         return [getattr(layer, self.context_attention).context_kv(ctx, cos, sin) for layer in self.layers]
 
     def extend_cache(self, cache: ContextCache | None, features: torch.Tensor) -> ContextCache:
@@ -340,16 +440,19 @@ class BlockDrafter(TargetFeatureReader):
         B, N, S = block_ids.shape
         x = self.embed(block_ids).reshape(B, N * S, -1).to(self.fc.weight.dtype)  # (B, N·S, H)
         block_pos = (anchors[:, :, None] + torch.arange(S, device=anchors.device)).reshape(B, N * S)
-        cos_q, sin_q = rotary_cos_sin(block_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         if cache is not None:
+            cos_q, sin_q = rotary_cos_sin(block_pos, self.config, x.dtype)
             ctx_kv = cache.kv
             mask = None if N == 1 else block_attention_mask(anchors, cache.length, S)
         else:
             if context_features is None:
                 raise ValueError("give context_features or a cache")
             C = context_features.shape[1]
+            # one length for context and blocks, as one transformers rotary call over both positions
+            span = max(C, int(block_pos.max()) + 1) if rope_depends_on_length(self.config) else None
+            cos_q, sin_q = rotary_cos_sin(block_pos, self.config, x.dtype, span)
             positions = torch.arange(C, device=anchors.device).expand(B, C)
-            ctx_kv = self.context_kv(context_features, positions)
+            ctx_kv = self.context_kv(context_features, positions, span)
             mask = block_attention_mask(anchors, C, S, context_valid)
         for layer, kv in zip(self.layers, ctx_kv):
             x = layer(x, kv, cos_q, sin_q, mask)
