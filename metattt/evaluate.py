@@ -56,7 +56,8 @@ class EvalConfig:
     top_p: float = 1.0
     """Nucleus filter applied identically to target and drafter."""
     rule: str = "speculative"
-    """Sampling acceptance rule: exact (DFlash: match the target's own sample) or speculative (min(1, p/q))."""
+    """Sampling protocol: speculative (sampled drafts, accept with min(1, p/q)), exact (sampled drafts,
+    accept iff equal to the target's own sample) or dflash (DFlash's: argmax drafts + exact)."""
     ttt_steps: int | None = None
     """TTT steps; None: what meta-training exported (ttt_config.json)."""
     ttt_lr: float | None = None

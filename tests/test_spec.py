@@ -354,7 +354,7 @@ def _sample_counts(target, drafter, runs: int, temperature: float, top_p: float,
 ALPHA = 1e-3
 
 
-@pytest.mark.parametrize("rule,temperature,top_p", [("exact", 1.0, 1.0), ("speculative", 0.8, 0.9)])
+@pytest.mark.parametrize("rule,temperature,top_p", [("exact", 1.0, 1.0), ("speculative", 0.8, 0.9), ("dflash", 1.0, 1.0)])
 def test_sampling_keeps_the_target_distribution(sampling_models, rule, temperature, top_p):
     target, drafter = sampling_models
     counts, accepted = _sample_counts(target, drafter, 1500, temperature, top_p, rule, seed=0)
@@ -362,6 +362,39 @@ def test_sampling_keeps_the_target_distribution(sampling_models, rule, temperatu
     assert (accepted > 20).all(), f"acceptance histogram {accepted.tolist()}"
     p = chi_square_pvalue(counts, _exact_joint(target, temperature, top_p))
     assert p > ALPHA, f"{rule}: output distribution differs from the target's (p = {p:.2e})"
+
+
+def test_dflash_protocol_drafts_the_argmax_and_accepts_by_equality(sampling_models, monkeypatch):
+    """rule="dflash" (DFlash's loop): argmax drafts (q one-hot at each draft), the exact rule."""
+    target, drafter = sampling_models
+    seen: dict[str, list] = {"exact": [], "speculative": []}
+
+    def spy(name):
+        def rule(p, q, drafts, generator):
+            seen[name].append((q.clone(), drafts.clone()))
+            return decode.accept_exact(p, q, drafts, generator) if name == "exact" else \
+                decode.accept_speculative(p, q, drafts, generator)
+        return rule
+
+    for name in seen:
+        monkeypatch.setitem(decode.ACCEPT_RULES, name, spy(name))
+    for rule in ("dflash", "exact"):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            speculative_generate(target, drafter, PROMPT, K, None, 1.0, 1.0, rule=rule, generator=g)
+    dflash, exact = seen["exact"][: len(seen["exact"]) // 2], seen["exact"][len(seen["exact"]) // 2:]
+    assert dflash and not seen["speculative"]
+    for q, drafts in dflash:
+        assert torch.equal(q, F.one_hot(drafts, V).to(q.dtype)), "dflash drafted something other than the argmax"
+    assert any(not torch.equal(q, F.one_hot(d, V).to(q.dtype)) for q, d in exact), "exact alone samples the drafts"
+
+
+def test_dflash_protocol_is_greedy_lossless(greedy_target, trained_drafter):
+    for prompt, max_new, eos in _greedy_cases(greedy_target)[:6]:
+        ref = target_generate(greedy_target, prompt, max_new, eos)
+        assert speculative_generate(greedy_target, trained_drafter, prompt, max_new, eos, rule="dflash").tokens == ref.tokens
+    with pytest.raises(ValueError, match="dflash"):
+        speculative_generate(greedy_target, trained_drafter, torch.tensor([[3, 4]]), 4, None, 1.0, rule="nonsense")
 
 
 def test_target_sampling_matches_enumeration(sampling_models):

@@ -174,6 +174,20 @@ def accept_speculative(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
 # that the statistical test catches it.
 ACCEPT_RULES: dict[str, AcceptRule] = {"exact": accept_exact, "speculative": accept_speculative}
 
+#: Named protocols: (acceptance rule, draft the argmax). "dflash" is DFlash's loop as issue 18 read it
+#: (argmax drafts, a draft accepted iff it equals the target's own sample), so that τ at T > 0 is
+#: comparable with DFlash's published T = 1 numbers; "exact" alone samples the drafts.
+PROTOCOLS: dict[str, tuple[str, bool]] = {"dflash": ("exact", True)}
+
+
+def resolve_rule(rule: str, greedy_draft: bool = False) -> tuple[str, bool]:
+    """(acceptance rule, argmax drafts) for a rule or protocol name."""
+    if rule in PROTOCOLS:
+        return PROTOCOLS[rule]
+    if rule not in ACCEPT_RULES:
+        raise ValueError(f"unknown acceptance rule {rule!r}; choose one of {sorted(ACCEPT_RULES) + sorted(PROTOCOLS)}")
+    return rule, greedy_draft
+
 
 # --- caches -------------------------------------------------------------------------------
 
@@ -388,6 +402,11 @@ def speculative_generate(
     acceptance is greedy and `rule` is unused; at
     T > 0 drafts are sampled from the drafter's tempered/top-p distribution (argmax with
     `greedy_draft=True`, which suits the "exact" rule: it accepts d with probability p(d)).
+    `rule="dflash"` is that pair, DFlash's protocol (`PROTOCOLS`).
+
+    Counting differs from the DFlash loop checked in issue 18 in one place: when the committed
+    count lands exactly on `max_new_tokens`, that loop verifies one more block and counts it in τ;
+    this one stops (every step here commits at least one token the output keeps).
 
     `on_prefill(features)`, when given, is called once with the prompt's target features
     (1, P, n·H) from the prefill forward, with gradients enabled, before the drafter reads
@@ -395,8 +414,8 @@ def speculative_generate(
     TTT request costs one prefill like any other. Its time is `adapt_time` (in `wall_time`).
     """
     check_sampling_args(temperature, top_p)
-    if temperature > 0 and rule not in ACCEPT_RULES:
-        raise ValueError(f"unknown acceptance rule {rule!r}; choose one of {sorted(ACCEPT_RULES)}")
+    if temperature > 0:
+        rule, greedy_draft = resolve_rule(rule, greedy_draft)
     if on_prefill is not None and torch.is_inference_mode_enabled():
         raise RuntimeError("on_prefill (prefill TTT) takes gradients, which torch.inference_mode() forbids: call "
                            "speculative_generate outside it (metattt.serve.TTTSpeculator.generate does)")
