@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -24,6 +24,7 @@ from metattt.config import (
 )
 from metattt.data.datamodule import SequenceDataModule
 from metattt.evaluate import EvalConfig
+from metattt.export.serving import ExportConfig
 from metattt.guided import GuidedEvalConfig
 from metattt.tiny import TinyTargetConfig
 
@@ -34,6 +35,8 @@ STAGES: dict[str, str] = {
     "prepare": "Chat data -> target-regenerated, tokenized Arrow folders in {out}/data/ (+ the hidden-state cache).",
     "guided-eval": "Draft-guided decoding on context-learning tasks (α × TTT × temperature, null control); "
                    "{out}/guided/report.md.",
+    "export": "Serving folder (DFlash layout, what vLLM / SGLang load): the static drafter to {out}/serve/static/, "
+              "or with --merge-lora the meta-learned LoRA merged in to {out}/serve/meta_static/.",
     "build-target": "Build the tiny CPU target (stdlib corpus, tokenizer, small Qwen3 LM) if missing.",
 }
 
@@ -52,6 +55,7 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(PrepareConfig, "prepare")
     parser.add_class_arguments(EvalConfig, "eval")
     parser.add_class_arguments(GuidedEvalConfig, "guided")
+    parser.add_class_arguments(ExportConfig, "export")
 
 
 def build_parser() -> ArgumentParser:
@@ -60,6 +64,9 @@ def build_parser() -> ArgumentParser:
     for stage, help_text in STAGES.items():
         sub = ArgumentParser(description=help_text)
         add_recipe_arguments(sub)
+        if stage == "export":
+            sub.add_argument("--merge-lora", action="store_true",
+                             help="Merge the meta-learned LoRA into the drafter (same as --export.merge_lora=true).")
         subcommands.add_subcommand(stage, sub, help=help_text)
     return parser
 
@@ -82,6 +89,11 @@ def _section_dict(ns) -> dict:
 def run_stage(stage: str, r: Namespace) -> None:
     from metattt import pipeline
 
+    if stage == "export":  # reads the run folder only: no target, no corpus
+        from metattt.export.serving import run_export
+
+        run_export(r.run.out_dir, replace(r.export, merge_lora=r.export.merge_lora or bool(r.get("merge_lora"))))
+        return
     if stage == "build-target":
         from metattt.tiny import ensure_tiny_target
 

@@ -1,6 +1,7 @@
 """Interoperability with the tools drafters are served with (issue 18): RoPE scaling as transformers
 computes it, config.json read as DFlash's reader (transformers' Qwen3Config) reads it, re-exports that
-keep the source folder's other files."""
+keep the source folder's other files, the `export` stage with a merged LoRA, and an export that has
+every key vLLM's DFlash loader reads."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from conftest import MASK_ID, qwen3_config
 from safetensors.torch import load_file, save_file
 
-from metattt.export.dflash import export_dflash, import_dflash
+from metattt.export.dflash import export_dflash, export_merged, import_dflash, load_dflash_state_dict
 from metattt.models import ar_drafter as ar_module
 from metattt.models import drafter as drafter_module
 from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig
@@ -315,3 +316,188 @@ def test_separate_mask_embedding_is_refused(tmp_path):
     torch.save(torch.zeros(32), src / "mask_embedding.pt")
     with pytest.raises(ValueError, match="mask_embedding.pt"):
         import_dflash(src)
+
+
+# --- metattt export --merge-lora ------------------------------------------------------------------
+
+
+def _meta_run(tmp_path: Path, base_dtype=None) -> tuple[Path, FrozenTarget]:
+    """A run folder with drafter/ and meta_lora/ (a LoRA with B != 0, as meta-training leaves it)."""
+    from metattt.models.lora import add_lora, export_meta_lora
+    from metattt.ttt.tasks import TTTConfig
+
+    target = FrozenTarget.from_config(qwen3_config(), layer_ids=[1, 2], seed=0)
+    drafter = BlockDrafter(_native()).attach_target(target)
+    _random_weights(drafter)
+    run = tmp_path / "run"
+    drafter.save_pretrained(run / "drafter", dtype=base_dtype)
+    model = add_lora(import_dflash(run / "drafter", dtype="float32").attach_target(target), r=4, alpha=8)
+    torch.manual_seed(5)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    export_meta_lora(model, run / "meta_lora", TTTConfig(), run / "drafter")
+    return run, target
+
+
+def test_merged_export_equals_the_drafter_with_its_lora(tmp_path):
+    from peft import PeftModel
+
+    from metattt.cli import main
+
+    run, target = _meta_run(tmp_path)
+    # export reads the run folder only; data.train_files is the one key every recipe must name
+    recipe = [f"--run.output_root={tmp_path}", "--run.name=run", "--data.train_files=unused.jsonl"]
+    main(["export", *recipe, "--merge-lora"])
+    merged = import_dflash(run / "serve" / "meta_static").attach_target(target)
+    assert not any("lora" in k for k in load_dflash_state_dict(run / "serve" / "meta_static"))
+    with_lora = PeftModel.from_pretrained(import_dflash(run / "drafter").attach_target(target), str(run / "meta_lora"))
+    ref = _logits(with_lora, target)
+    torch.testing.assert_close(_logits(merged, target), ref, rtol=0, atol=1e-5)
+    with with_lora.disable_adapter():
+        assert (_logits(with_lora, target) - ref).abs().max() > 1e-2, "the LoRA does not change the drafter"
+    # without --merge-lora: the static drafter, the same weights as drafter/
+    main(["export", *recipe])
+    static, base = load_dflash_state_dict(run / "serve" / "static"), load_dflash_state_dict(run / "drafter")
+    assert static.keys() == base.keys() and all(torch.equal(static[k], base[k]) for k in base)
+
+
+def test_merged_export_keeps_the_drafters_dtype(tmp_path):
+    run, target = _meta_run(tmp_path, base_dtype="bfloat16")
+    out = export_merged(run / "drafter", run / "meta_lora", tmp_path / "merged")
+    assert {v.dtype for v in load_dflash_state_dict(out).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_export_refuses_the_autoregressive_drafter(tmp_path):
+    from metattt.export.serving import ExportConfig, run_export
+
+    cfg = ARDrafterConfig.from_target(qwen3_config(), mask_token_id=MASK_ID, target_layer_ids=[1, 2],
+                                      num_hidden_layers=1, block_size=4)
+    ARDrafter(cfg).save_pretrained(tmp_path / "run" / "drafter")
+    with pytest.raises(ValueError, match="DFlash-layout block drafters only"):
+        run_export(tmp_path / "run", ExportConfig())
+
+
+# --- what vLLM's DFlash loader reads --------------------------------------------------------------
+
+
+def vllm_dflash_problems(folder: Path, target_vocab_size: int, target_num_layers: int) -> list[str]:
+    """Every key and value vLLM's DFlash path reads from a drafter folder, checked against what that
+    code expects. Written from reading vllm-project/vllm (the copy stored for this project's search
+    tool; no version file, so by file commits): `vllm/model_executor/models/qwen3_dflash.py` @ 036a00d1
+    (DFlashQwen3ForCausalLM / DFlashQwen3Model / DFlashQwen3DecoderLayer: load_weights, layer and
+    attention construction), `vllm/v1/spec_decode/dflash.py` @ 01046b9a (DFlashProposer: mask token),
+    `vllm/config/speculative.py` @ 002e77c1 (method "dflash": parallel drafting, block =
+    num_speculative_tokens + 1), `vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py` @ 0cfdd2e1
+    (aux layer ids) and `vllm/transformers_utils/config.py` (`set_default_rope_theta`). The registry
+    entry `"DFlashDraftModel": ("qwen3_dflash", "DFlashQwen3ForCausalLM")` is quoted from vLLM forks'
+    patches against it (the stored upstream registry.py predates DFlash); notes on vLLM 0.20.2 and
+    0.25.0 show the same entry and proposer."""
+    problems: list[str] = []
+    cfg = json.loads((folder / "config.json").read_text())
+    dflash = cfg.get("dflash_config") or {}
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    # registry + hf config: the architecture picks DFlashQwen3ForCausalLM; model_type gives Qwen3Config
+    expect((cfg.get("architectures") or [None])[0] == "DFlashDraftModel", "architectures[0] == 'DFlashDraftModel'")
+    expect(cfg.get("model_type") == "qwen3", "model_type == 'qwen3' (AutoConfig -> Qwen3Config)")
+    # DFlashProposer._init_parallel_drafting_params: raises without dflash_config.mask_token_id
+    mask = dflash.get("mask_token_id")
+    expect(isinstance(mask, int) and 0 <= mask < target_vocab_size, "dflash_config.mask_token_id in the target vocab")
+    # eagle3_utils.get_eagle3_aux_layers_from_config: eagle_aux_hidden_state_layer_ids wins over
+    # dflash_config.target_layer_ids (taken + 1, hidden_states indexing)
+    ids = dflash.get("target_layer_ids")
+    expect(isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < target_num_layers for i in ids),
+           "dflash_config.target_layer_ids: target decoder layers")
+    expect("eagle_aux_hidden_state_layer_ids" not in cfg, "no eagle_aux_hidden_state_layer_ids (it would override)")
+    # DFlashQwen3Model: use_aux_hidden_state (default True) decides whether fc exists
+    expect(dflash.get("use_aux_hidden_state", cfg.get("use_aux_hidden_state", True)) is True, "use_aux_hidden_state")
+    # _resolve_layer_attention / _dflash_layer_causal: full, non-causal attention in every layer
+    expect(not cfg.get("is_causal") and not dflash.get("causal"), "non-causal layers (is_causal, dflash_config.causal)")
+    expect(all(t == "full_attention" for t in cfg.get("layer_types") or []), "layer_types all full_attention")
+    expect(not dflash.get("use_swa"), "no dflash_config.use_swa")
+    expect(not dflash.get("attention_sink_bias", cfg.get("add_swa_attention_sink_bias", False)), "no sink bias")
+    expect(cfg.get("is_neox_style", True) is True, "is_neox_style (rotate-half RoPE)")
+    # _get_dflash_fc_input_size: target_hidden_size (default hidden_size) x number of aux layers
+    expect(cfg.get("target_hidden_size", cfg.get("hidden_size")) == cfg.get("hidden_size"), "target_hidden_size")
+    # DFlashQwen3ForCausalLM.__init__: a draft_vocab_size other than the target's expects a d2t map
+    expect(cfg.get("draft_vocab_size", cfg.get("vocab_size")) == target_vocab_size, "draft_vocab_size == target vocab")
+    expect(cfg.get("logit_scale", 1.0) == 1.0, "logit_scale 1")
+    expect(cfg.get("hidden_act", "silu") == "silu", "hidden_act 'silu' (Qwen3MLP; Qwen3Config's default)")
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                "rms_norm_eps", "num_hidden_layers", "max_position_embeddings", "vocab_size", "attention_bias"):
+        expect(key in cfg, f"{key} written (the layers are built from it)")
+    # DFlashQwen3DecoderLayer: set_default_rope_theta(config, 1e6) when the file names none
+    rope = cfg.get("rope_parameters") or {}
+    expect("rope_theta" in cfg or "rope_theta" in rope, "rope_theta written (vLLM's default would be 1e6)")
+    expect(isinstance(cfg.get("block_size"), int), "block_size (num_speculative_tokens = block_size - 1)")
+
+    # load_weights: every name gets "model." and must be a DFlashQwen3Model parameter (after its
+    # q/k/v -> qkv_proj and gate/up -> gate_up_proj stacking); embed_tokens / lm_head would replace
+    # the target's; mask_hidden is asserted against; d2t / t2d belong to other vocabularies
+    from safetensors import safe_open
+
+    state = load_dflash_state_dict(folder)
+
+    raw_names = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            raw_names |= set(sf.keys())  # noqa: SIM118
+    expect(raw_names == set(state), "unprefixed weight names")
+    H, heads, kv = cfg.get("hidden_size"), cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    d, inter, n = cfg.get("head_dim"), cfg.get("intermediate_size"), cfg.get("num_hidden_layers", 0)
+    shapes = {"fc.weight": (H, len(ids or []) * (H or 0)), "hidden_norm.weight": (H,), "norm.weight": (H,)}
+    for i in range(n):
+        p = f"layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                   p + "self_attn.q_proj.weight": (heads * d, H), p + "self_attn.k_proj.weight": (kv * d, H),
+                   p + "self_attn.v_proj.weight": (kv * d, H), p + "self_attn.o_proj.weight": (H, heads * d),
+                   p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+                   p + "mlp.gate_proj.weight": (inter, H), p + "mlp.up_proj.weight": (inter, H),
+                   p + "mlp.down_proj.weight": (H, inter)}
+        if cfg.get("attention_bias"):
+            shapes |= {p + f"self_attn.{m}_proj.bias": (s,) for m, s in
+                       (("q", heads * d), ("k", kv * d), ("v", kv * d), ("o", H))}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    expect(set(got) == set(shapes), f"weights are exactly the DFlash layer set (extra {sorted(set(got) - set(shapes))[:4]}, "
+                                    f"missing {sorted(set(shapes) - set(got))[:4]})")
+    expect(all(got[k] == s for k, s in shapes.items() if k in got), "weight shapes follow the config")
+    expect(not any(k in raw_names for k in ("embed_tokens.weight", "lm_head.weight")), "no embed_tokens / lm_head")
+    expect(not any("mask_hidden" in k or "d2t" in k or "t2d" in k for k in raw_names), "no mask_hidden / d2t / t2d")
+    # _read_mask_embedding: a mask_embedding.pt would replace the target's embedding of the mask token
+    expect(not (folder / "mask_embedding.pt").exists(), "no mask_embedding.pt")
+    # vLLM builds its hf_config with transformers: the file must load as a Qwen3Config with our RoPE
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(folder)
+    hf_rope = getattr(hf, "rope_parameters", None) or {"rope_theta": getattr(hf, "rope_theta", None)}
+    expect(type(hf).__name__ == "Qwen3Config", "loads as Qwen3Config")
+    expect(float(hf_rope.get("rope_theta")) == float(cfg.get("rope_theta", rope.get("rope_theta", 0))),
+           "transformers reads the same rope_theta")
+    return problems
+
+
+def test_exports_have_what_vllms_dflash_loader_reads(tmp_path):
+    run, target = _meta_run(tmp_path)
+    tcfg = target.config
+    merged = export_merged(run / "drafter", run / "meta_lora", tmp_path / "merged", dtype="bfloat16")
+    llama3 = export_dflash(BlockDrafter(_native(_target_config(ROPE_CASES["llama3"]))), tmp_path / "llama3")
+    released = _write(tmp_path / "released", _config(rope_theta=None, head_dim=None), _native(head_dim=128))
+    reexported = export_dflash(import_dflash(released), tmp_path / "reexported", max_shard_bytes=40_000)
+    assert len(list(reexported.glob("model-*-of-*.safetensors"))) > 1
+    for folder in (run / "drafter", merged, llama3, reexported):
+        assert vllm_dflash_problems(folder, tcfg.vocab_size, tcfg.num_hidden_layers) == [], folder
+    assert json.loads((llama3 / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
+
+    # and the check catches what vLLM would trip on
+    broken = _write(tmp_path / "broken", _config(rope_theta=None, dflash_config={"target_layer_ids": [1, 2]},
+                                                 eagle_aux_hidden_state_layer_ids=[2, 3]), _native(rope_theta=1e4))
+    save_file({**load_file(str(broken / "model.safetensors")), "embed_tokens.weight": torch.zeros(96, 32)},
+              str(broken / "model.safetensors"))
+    problems = vllm_dflash_problems(broken, tcfg.vocab_size, tcfg.num_hidden_layers)
+    for what in ("mask_token_id", "eagle_aux_hidden_state_layer_ids", "rope_theta written", "embed_tokens"):
+        assert any(what in p for p in problems), (what, problems)

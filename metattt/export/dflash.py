@@ -33,7 +33,8 @@ level, `head_dim`, `num_key_value_heads`, `rope_theta`: vLLM defaults rope_theta
 to 10000). Re-exporting an imported drafter copies every other file of the folder it came from
 (remote code such as `dflash.py`, README, licence) byte for byte; an `auto_map` entry whose code
 file is not in the export is dropped, so `AutoModel.from_pretrained(..., trust_remote_code=True)`
-never meets a reference it cannot follow.
+never meets a reference it cannot follow. `export_merged` writes a drafter with a meta-learned
+LoRA merged into its weights (what vLLM can serve of the `meta_static` condition).
 """
 
 from __future__ import annotations
@@ -469,3 +470,18 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
         size += n
     return shards
 
+
+def export_merged(drafter_path: str | Path, meta_lora_path: str | Path, path: str | Path,
+                  dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+    """The drafter of `drafter_path` with the peft LoRA of `meta_lora_path` merged into its weights
+    (W + (alpha / r)·B·A), in DFlash layout: the `meta_static` condition as a plain drafter that a
+    server loads. Test-time training is not in it (the merged LoRA is the meta-learned init, before
+    any prompt). Merged in float32; written in the drafter's own dtype unless `dtype` is given."""
+    from peft import PeftModel
+
+    drafter = import_dflash(drafter_path)
+    own_dtype = next(drafter.parameters()).dtype
+    model = PeftModel.from_pretrained(drafter.float(), str(meta_lora_path))
+    merged = model.merge_and_unload()
+    merged.config.source_path = drafter.config.source_path  # keep the base folder's other files
+    return export_dflash(merged, path, dtype=dtype or own_dtype, max_shard_bytes=max_shard_bytes)
