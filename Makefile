@@ -5,16 +5,18 @@ PY := $(VENV)/bin/python
 CONFIG := recipes/$(RECIPE).yaml
 ARGS ?=
 
-.PHONY: setup run test lint target prepare distill meta-train eval guided-eval bench clean-tiny help
+.PHONY: setup run test test-fast lint target prepare distill meta-train eval eval-full sweep guided-eval bench clean-tiny help
 
 help:
 	@echo "make setup            virtualenv + CPU torch 2.13.0 + metattt (editable, with dev tools)"
 	@echo "make run              the whole pipeline for RECIPE (default: tiny, on the CPU)"
-	@echo "make target           build the tiny target (stdlib corpus, tokenizer, LM), once"
-	@echo "make prepare          chat data -> tokenized (optionally target-regenerated) Arrow -> checkpoints/RECIPE/data/"
+	@echo "make target           rebuild the embedded target in data/tiny_target (corpus, tokenizer, LM; hours on 2 cores)"
+	@echo "make prepare          data -> target-regenerated, tokenized Arrow -> checkpoints/RECIPE/data/"
 	@echo "make distill          distill the drafter -> checkpoints/RECIPE/drafter/"
 	@echo "make meta-train       meta-learn the LoRA init -> checkpoints/RECIPE/meta_lora/ (distills first if needed)"
 	@echo "make eval             prefill TTT + speculative decoding -> checkpoints/RECIPE/eval/report.md"
+	@echo "make eval-full        eval at prompt lengths 256 / 1024 and temperatures 0 / 1 -> checkpoints/RECIPE/eval_full/"
+	@echo "make sweep            TTT sweep (steps, lr, rank, placement) -> checkpoints/RECIPE/sweep/sweep.md"
 	@echo "make guided-eval      draft-guided decoding on context-learning tasks -> checkpoints/RECIPE/guided/report.md"
 	@echo "make bench            cost ratios + τ table -> bench/results.json and README Results"
 	@echo "make test             the test suite (CPU)"
@@ -30,10 +32,11 @@ setup: $(PY)
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
 
-run: distill meta-train eval
+run: prepare distill meta-train eval
 
+# PASSIVE: OpenMP workers sleep instead of spinning when the cores are shared (hours of training)
 target:
-	$(PY) -m metattt build-target --config $(CONFIG) $(ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m metattt build-target --config $(CONFIG) $(ARGS)
 
 prepare:
 	$(PY) -m metattt prepare --config $(CONFIG) $(ARGS)
@@ -46,6 +49,15 @@ meta-train:
 
 eval:
 	$(PY) -m metattt eval --config $(CONFIG) $(ARGS)
+
+# Four more evaluations beside the default one, each in its own folder.
+eval-full:
+	for len in 256 1024; do for t in 0.0 1.0; do \
+	  $(PY) -m metattt eval --config $(CONFIG) --eval.prompt_len=$$len --eval.temperature=$$t \
+	    --eval.output_dir=checkpoints/$(RECIPE)/eval_full/len$$len-t$$t $(ARGS) || exit 1; done; done
+
+sweep:
+	$(PY) -m metattt sweep --config $(CONFIG) $(ARGS)
 
 guided-eval:
 	$(PY) -m metattt guided-eval --config $(CONFIG) $(ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -26,7 +27,8 @@ from metattt.data.datamodule import SequenceDataModule
 from metattt.evaluate import EvalConfig
 from metattt.export.serving import ExportConfig
 from metattt.guided import GuidedEvalConfig
-from metattt.tiny import TinyTargetConfig
+from metattt.sweep import SweepConfig
+from metattt.tiny import CorpusConfig, TinyTargetConfig
 
 STAGES: dict[str, str] = {
     "distill": "Distill a block drafter from the frozen target; export it to {out}/drafter/.",
@@ -37,7 +39,8 @@ STAGES: dict[str, str] = {
                    "{out}/guided/report.md.",
     "export": "Serving folder (DFlash layout, what vLLM / SGLang load): the static drafter to {out}/serve/static/, "
               "or with --merge-lora the meta-learned LoRA merged in to {out}/serve/meta_static/.",
-    "build-target": "Build the tiny CPU target (stdlib corpus, tokenizer, small Qwen3 LM) if missing.",
+    "sweep": "TTT sweep: TTT steps x inner lr x LoRA rank x LoRA placement, Δτ vs static; {out}/sweep/sweep.md.",
+    "build-target": "Rebuild the embedded target (corpus, tokenizer, small Qwen3 LM) into target.path (data/tiny_target).",
 }
 
 
@@ -45,6 +48,7 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (recipes/*.yaml).")
     parser.add_class_arguments(RunConfig, "run")
     parser.add_class_arguments(TargetConfig, "target")
+    parser.add_class_arguments(CorpusConfig, "corpus")
     parser.add_class_arguments(TinyTargetConfig, "tiny_target")
     parser.add_class_arguments(DrafterArgs, "drafter")
     parser.add_class_arguments(SequenceDataModule, "data", skip={"tokenizer"}, instantiate=False)
@@ -55,6 +59,7 @@ def add_recipe_arguments(parser: ArgumentParser) -> None:
     parser.add_class_arguments(PrepareConfig, "prepare")
     parser.add_class_arguments(EvalConfig, "eval")
     parser.add_class_arguments(GuidedEvalConfig, "guided")
+    parser.add_class_arguments(SweepConfig, "sweep")
     parser.add_class_arguments(ExportConfig, "export")
 
 
@@ -88,6 +93,7 @@ def _section_dict(ns) -> dict:
 
 def run_stage(stage: str, r: Namespace) -> None:
     from metattt import pipeline
+    from metattt.tiny import build_target, ensure_corpus
 
     if stage == "export":  # reads the run folder only: no target, no corpus
         from metattt.export.serving import run_export
@@ -95,21 +101,22 @@ def run_stage(stage: str, r: Namespace) -> None:
         run_export(r.run.out_dir, replace(r.export, merge_lora=r.export.merge_lora or bool(r.get("merge_lora"))))
         return
     if stage == "build-target":
-        from metattt.tiny import ensure_tiny_target
-
-        ensure_tiny_target(root=r.run.out_dir, config=r.tiny_target)
-    elif stage == "distill":
-        pipeline.run_distill(r.run, r.target, r.drafter, _section_dict(r.data), r.trainer, r.distill,
-                             tiny_config=r.tiny_target)
+        build_target(Path(r.target.path), r.corpus, r.tiny_target)
+        return
+    ensure_corpus(r.corpus, r.target.path)
+    if stage == "distill":
+        pipeline.run_distill(r.run, r.target, r.drafter, _section_dict(r.data), r.trainer, r.distill)
     elif stage == "meta-train":
         pipeline.run_meta_train(r.run, r.target, r.drafter, r.lora, _section_dict(r.data), r.trainer, r.distill,
-                                r.meta, tiny_config=r.tiny_target)
+                                r.meta)
     elif stage == "eval":
-        pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval, tiny_config=r.tiny_target)
+        pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval)
     elif stage == "prepare":
-        pipeline.run_prepare(r.run, r.target, r.drafter, _section_dict(r.data), r.prepare, tiny_config=r.tiny_target)
+        pipeline.run_prepare(r.run, r.target, r.drafter, _section_dict(r.data), r.prepare)
+    elif stage == "sweep":
+        pipeline.run_sweep_stage(r.run, r.target, r.drafter, r.lora, r.eval, r.sweep)
     elif stage == "guided-eval":
-        pipeline.run_guided_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.guided, tiny_config=r.tiny_target)
+        pipeline.run_guided_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.guided)
     else:  # pragma: no cover - guarded by the parser
         raise ValueError(f"unknown stage {stage}")
 

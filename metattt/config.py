@@ -5,7 +5,7 @@ distill → meta-train → eval → export. `python -m metattt distill --help` p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -39,8 +39,6 @@ class TargetConfig:
     """Weights dtype: auto, float32, bfloat16 or float16."""
     attn_implementation: str = "sdpa"
     """transformers attention kernel for the target: sdpa, eager, flash_attention_2."""
-    build_tiny: bool = False
-    """Build the tiny CPU target (corpus + tokenizer + LM from the Python stdlib) at `path` if missing."""
 
 
 @dataclass
@@ -163,6 +161,10 @@ class MetaConfig:
     """Blocks sampled from the context for the inner loss."""
     outer_anchors: int = 64
     """Blocks sampled from the continuation for the outer loss."""
+    context: str = "random"
+    """Where a task's context ends: random (a point drawn in [context_min, context_max]) or prompt (at the
+    first trained token: the prompt the target continued; the inner loss then trains on all its tokens,
+    as TTT on a prompt does)."""
     context_min: int = 64
     """Shortest context (tokens) of a context/continuation split."""
     context_max: int = 192
@@ -230,6 +232,16 @@ class PrepareConfig:
     """Records per shard: finished shards are kept on disk and skipped when a run is repeated."""
     overwrite: bool = False
     """Rebuild even if the output exists with different settings (otherwise that is an error)."""
+    records: str = "chat"
+    """chat: chat records whose assistant turns are (re)generated; text: plain-text records (`text`), each
+    window of `text_prompt_lens` tokens continued by the target for `max_new_tokens` tokens (needs
+    regenerate=transformers); the loss covers the target's continuation only."""
+    text_prompt_lens: list[int] = field(default_factory=lambda: [256])
+    """records=text: prompt lengths (tokens), cycled over windows."""
+    windows_per_doc: int = 1
+    """records=text: non-overlapping prompt windows taken from one document at most."""
+    greedy_fraction: float = 0.5
+    """records=text: share of prompts continued greedily; the rest are sampled at `temperature`."""
     regenerate: str = "none"
     """Rewrite assistant turns with the target's own outputs: none, transformers (batched
     `generate` on the local target) or endpoint (an OpenAI-compatible server: vLLM, SGLang)."""

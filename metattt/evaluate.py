@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,15 @@ import torch
 
 from metattt.models.lora import set_lora
 from metattt.spec.decode import speculative_generate, target_generate
-from metattt.spec.metrics import mean_and_stderr, summarize_tau
+from metattt.spec.metrics import summarize_tau
+from metattt.stats import (
+    PairedDifference,
+    distinct_n,
+    fmt,
+    fmt_difference,
+    mean_and_stderr,
+    paired_difference,
+)
 from metattt.ttt.inner import ParamDict
 from metattt.ttt.tasks import TTTConfig, ttt_adapt
 from metattt.utils import atomic_write_json, atomic_write_text
@@ -38,9 +45,10 @@ CONDITION_HELP = {
 class EvalConfig:
     """Stage 3: prefill TTT + speculative decoding + τ."""
 
-    splits: dict[str, str] = field(default_factory=lambda: {
-        "in_domain": "checkpoints/tiny/corpus/validation.jsonl",
-        "shifted": "checkpoints/tiny/corpus/shifted.jsonl",
+    splits: dict[str, str | list[str]] = field(default_factory=lambda: {
+        "in_domain": ["checkpoints/tiny/corpus/python.heldout.jsonl", "checkpoints/tiny/corpus/prose.heldout.jsonl"],
+        "drafter_shifted": "checkpoints/tiny/corpus/c.heldout.jsonl",
+        "new_to_both": "checkpoints/tiny/corpus/new_to_both.jsonl",
     })
     """Split name -> data file(s) (jsonl/parquet/txt; text or chat records)."""
     num_prompts: int = 16
@@ -73,6 +81,8 @@ class EvalConfig:
     """Drafter folder; None: {out}/drafter (or meta_drafter when meta-training updated the base)."""
     meta_lora_path: str | None = None
     """Meta-learned adapter; None: {out}/meta_lora."""
+    output_dir: str | None = None
+    """Where the report goes; None: {out}/eval."""
 
 
 # --- prompts --------------------------------------------------------------------------------
@@ -136,6 +146,15 @@ def condition_plan(cfg: EvalConfig, base_ttt: TTTConfig) -> list[tuple[str, TTTC
     return plan
 
 
+def rotated(plan: list, offset: int) -> list:
+    """`plan` rotated by `offset`: prompt i runs the conditions in a different order than prompt
+    i + 1, so no condition is always the one that runs first (cold caches) or last."""
+    if not plan:
+        return plan
+    k = offset % len(plan)
+    return plan[k:] + plan[:k]
+
+
 def evaluate_prompt(
     target,
     model,  # peft-wrapped drafter
@@ -146,22 +165,23 @@ def evaluate_prompt(
     eos_token_id,
     seed: int,
     feature_head=None,
+    order_offset: int = 0,
+    max_new_tokens: int | None = None,
 ) -> list[dict]:
-    """Run every condition on one prompt; returns one record per condition."""
+    """Run every condition on one prompt (in the plan's order rotated by `order_offset`); returns
+    one record per condition, in plan order."""
     device = next(target.parameters()).device
     ids = torch.tensor([prompt], device=device)
-    gen = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_token_id, temperature=cfg.temperature,
-               top_p=cfg.top_p)
-    records = []
-    reference = None
-    for label, ttt in plan:
+    gen = dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, eos_token_id=eos_token_id,
+               temperature=cfg.temperature, top_p=cfg.top_p)
+    records: dict[str, dict] = {}
+    for label, ttt in rotated(plan, order_offset):
         cond = label.split("@")[0]
         g = torch.Generator(device=device).manual_seed(seed)  # same draws for every condition
         if cond == "target":
             res = target_generate(target, ids, generator=g, **gen)
-            reference = res.tokens
-            records.append(dict(condition=label, tokens=res.tokens, wall_time=res.wall_time,
-                                prefill_time=res.prefill_time, accepted=[], ttt_time=0.0))
+            records[label] = dict(condition=label, tokens=res.tokens, wall_time=res.wall_time,
+                                  prefill_time=res.prefill_time, accepted=[], ttt_time=0.0)
             continue
         ttt_losses: list[float] = []
         if cond == "static":
@@ -175,19 +195,63 @@ def evaluate_prompt(
             else:  # the hook adapts from `init` and writes the result before the drafter runs
                 adapt = prefill_ttt(model, init, ids, ttt, seed, feature_head, ttt_losses)
             res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, on_prefill=adapt, **gen)
-        records.append(dict(
+        records[label] = dict(
             condition=label, tokens=res.tokens, wall_time=res.wall_time, prefill_time=res.prefill_time,
             accepted=res.accepted, position_accepted=res.position_accepted,
             position_reached=res.position_reached, ttt_time=res.adapt_time, ttt_losses=ttt_losses,
-            lossless=(res.tokens == reference) if (reference is not None and cfg.temperature == 0) else None,
-        ))
-    return records
+        )
+    out = [records[label] for label, _ in plan]
+    reference = records.get("target", {}).get("tokens")
+    for r in out:
+        if r["condition"] != "target":
+            r["lossless"] = (r["tokens"] == reference) if (reference is not None and cfg.temperature == 0) else None
+    return out
 
 
 # --- summary & report -------------------------------------------------------------------------
-def distinct_n(tokens: list[int], n: int) -> float:
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else float("nan")
+#: Paired comparisons every report leads with: (condition, baseline), each per prompt.
+COMPARISONS: tuple[tuple[str, str], ...] = (("ttt_meta", "static"), ("ttt_meta", "ttt_zero"),
+                                             ("meta_static", "static"), ("ttt_zero", "static"))
+
+#: Above this, a measured speedup per unit of τ is flagged: a drafter cannot make decoding faster
+#: than the tokens it gets accepted (a timing artefact such as a warm-up paid by the baseline).
+SPEEDUP_OVER_TAU_LIMIT = 1.0
+
+
+def prompt_tau(accepted: list[int]) -> float:
+    """τ of one generation: mean over its verification steps of accepted drafts + 1."""
+    return sum(a + 1 for a in accepted) / len(accepted) if accepted else float("nan")
+
+
+def paired_taus(rows: list[dict], condition: str, baseline: str, seed: int = 0) -> dict | None:
+    """Δτ(condition − baseline) over the prompts both ran, with its paired 95 % CI."""
+    a = {r["prompt"]: prompt_tau(r["accepted"]) for r in rows if r["condition"] == condition}
+    b = {r["prompt"]: prompt_tau(r["accepted"]) for r in rows if r["condition"] == baseline}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    return paired_difference([a[p] for p in common], [b[p] for p in common], seed=seed).as_dict()
+
+
+def comparisons_for(conditions: list[str]) -> list[tuple[str, str]]:
+    """The standard comparisons the run has, plus every grid point against static and its base."""
+    have = set(conditions)
+    pairs = [(c, b) for c, b in COMPARISONS if c in have and b in have]
+    for c in conditions:
+        if "@" in c:
+            base = c.split("@")[0]
+            pairs += [(c, b) for b in ("static", base) if b in have]
+    return pairs
+
+
+def paired_differences(records: list[dict]) -> dict[str, dict]:
+    """Per split, the paired differences of τ: `{split: {"a - b": {mean, ci_low, ci_high, n, ...}}}`."""
+    out: dict[str, dict] = {}
+    for split in sorted({r["split"] for r in records}):
+        rows = [r for r in records if r["split"] == split]
+        conditions = list(dict.fromkeys(r["condition"] for r in rows))
+        out[split] = {f"{a} - {b}": paired_taus(rows, a, b) for a, b in comparisons_for(conditions)}
+    return out
 
 
 def summarize(records: list[dict]) -> dict:
@@ -196,8 +260,9 @@ def summarize(records: list[dict]) -> dict:
     for split in sorted({r["split"] for r in records}):
         rows = [r for r in records if r["split"] == split]
         base = {r["prompt"]: r for r in rows if r["condition"] == "target"}
+        conditions = list(dict.fromkeys(r["condition"] for r in rows))
         split_out: dict[str, dict] = {}
-        for cond in dict.fromkeys(r["condition"] for r in rows):
+        for cond in conditions:
             rs = [r for r in rows if r["condition"] == cond]
             n_tok = sum(len(r["tokens"]) for r in rs)
             wall = sum(r["wall_time"] for r in rs)
@@ -217,6 +282,7 @@ def summarize(records: list[dict]) -> dict:
                 if paired:
                     s["speedup"] = sum(t for t, _ in paired) / sum(c for _, c in paired)
                     s["speedup_over_tau"] = s["speedup"] / s["tau"] if s["tau"] == s["tau"] else float("nan")
+                    s["timing_suspect"] = bool(s["speedup_over_tau"] > SPEEDUP_OVER_TAU_LIMIT)
                 ttt = [r["ttt_time"] / r["prefill_time"] for r in rs if r["ttt_time"] > 0 and r["prefill_time"] > 0]
                 if ttt:
                     s["ttt_over_prefill"], _ = mean_and_stderr(ttt)
@@ -228,33 +294,51 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def _fmt(x, spec=".2f") -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def markdown_report(summary: dict, meta: dict) -> str:
-    lines = ["# metattt evaluation", ""]
+def markdown_report(splits: dict, diffs: dict, meta: dict) -> str:
+    lines = ["# metattt evaluation", "",
+             "## Paired differences of τ", "",
+             "Per prompt, condition minus baseline on the same prompt; mean and 95 % CI "
+             f"({PairedDifference.method}). **Bold**: the interval excludes 0.", ""]
+    pairs = list(dict.fromkeys(k for d in diffs.values() for k in d))
+    if pairs:
+        lines += ["| split | n | " + " | ".join(f"Δτ {p}" for p in pairs) + " |",
+                  "|---|---|" + "---|" * len(pairs)]
+        for split, d in diffs.items():
+            n = next((v["n"] for v in d.values() if v), 0)
+            lines.append(f"| {split} | {n} | " + " | ".join(fmt_difference(d.get(p)) for p in pairs) + " |")
+    lines += ["", "## Settings", ""]
     for k, v in meta.items():
         lines.append(f"- **{k}**: {v}")
-    lines += ["", "| split | condition | τ | ± s.e. | n | speedup | speedup/τ | TTT/prefill | tok/s | lossless |",
+    lines += ["", "## τ and speed per condition", "",
+              "| split | condition | τ | ± s.e. | n | speedup | speedup/τ | TTT/prefill | tok/s | lossless |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for split, conds in summary.items():
+    suspect = []
+    for split, conds in splits.items():
         for cond, s in conds.items():
+            ratio = fmt(s.get("speedup_over_tau"))
+            if s.get("timing_suspect"):
+                ratio += " ⚠"
+                suspect.append(f"{split}/{cond}")
             lines.append(
-                f"| {split} | {cond} | {_fmt(s.get('tau'))} | {_fmt(s.get('tau_stderr'))} | {s['n']} | "
-                f"{_fmt(s.get('speedup'))} | {_fmt(s.get('speedup_over_tau'))} | {_fmt(s.get('ttt_over_prefill'))} | "
-                f"{_fmt(s.get('tokens_per_s'), '.1f')} | {'' if s.get('lossless') is None else s['lossless']} |")
-    lines += ["", "Target quality beside τ (target-only greedy continuations):", "",
+                f"| {split} | {cond} | {fmt(s.get('tau'))} | {fmt(s.get('tau_stderr'))} | {s['n']} | "
+                f"{fmt(s.get('speedup'))} | {ratio} | {fmt(s.get('ttt_over_prefill'))} | "
+                f"{fmt(s.get('tokens_per_s'), '.1f')} | {'' if s.get('lossless') is None else s['lossless']} |")
+    if suspect:
+        lines += ["", f"⚠ speedup/τ above {SPEEDUP_OVER_TAU_LIMIT:g} ({', '.join(suspect)}): impossible for a "
+                  "drafter, so these timings are not results (a timing artefact of this run)."]
+    lines += ["", "Target quality beside τ (target-only continuations):", "",
               "| split | distinct-2 | distinct-4 |", "|---|---|---|"]
-    for split, conds in summary.items():
+    for split, conds in splits.items():
         t = conds.get("target", {})
-        lines.append(f"| {split} | {_fmt(t.get('distinct_2'))} | {_fmt(t.get('distinct_4'))} |")
+        lines.append(f"| {split} | {fmt(t.get('distinct_2'))} | {fmt(t.get('distinct_4'))} |")
     lines += ["", "τ = accepted drafts + 1 per verification step, mean over steps per prompt, then over prompts.",
-              "Speedup = target-only wall time / condition wall time (TTT included) on the same prompts, same run."]
+              "Speedup = target-only wall time / condition wall time (TTT included) on the same prompts, same run; "
+              "a warm-up generation of every condition runs before anything is timed, and each prompt runs the "
+              "conditions in a rotated order."]
     return "\n".join(lines) + "\n"
 
 
-def plot_report(summary: dict, out_dir: Path) -> list[Path]:
+def plot_report(summary: dict, diffs: dict, out_dir: Path, default_steps: int | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,18 +379,55 @@ def plot_report(summary: dict, out_dir: Path) -> list[Path]:
     paths.append(out_dir / "acceptance_by_position.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    curves = steps_curves(diffs, default_steps)
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.5), squeeze=False)
+        for ax, (split, by_init) in zip(axes[0], curves.items()):
+            for init, points in by_init.items():
+                ks = [k for k, _ in points]
+                ax.errorbar(ks, [d["mean"] for _, d in points], marker="o", capsize=3, label=init,
+                            yerr=[[d["mean"] - d["ci_low"] for _, d in points], [d["ci_high"] - d["mean"] for _, d in points]])
+            ax.axhline(0.0, color="gray", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(split)
+            ax.set_xlabel("TTT steps")
+            ax.set_ylabel("Δτ vs static (95 % CI)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "delta_tau_by_steps.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
+
+
+def steps_curves(diffs: dict, default_steps: int | None) -> dict[str, dict[str, list[tuple[int, dict]]]]:
+    """Δτ against static as a function of TTT steps: `{split: {"ttt_meta": [(k, diff), ...]}}`, from
+    the `@steps=k` grid points and the default condition (at `default_steps`)."""
+    out: dict[str, dict[str, list]] = {}
+    for split, d in diffs.items():
+        for key, v in d.items():
+            cond, _, base = key.partition(" - ")
+            if base != "static" or v is None or not cond.startswith("ttt_") or "@lr=" in cond:
+                continue
+            init, _, grid = cond.partition("@steps=")
+            k = int(grid) if grid else default_steps
+            if k is not None:
+                out.setdefault(split, {}).setdefault(init, []).append((k, v))
+    out = {s: {i: sorted(p) for i, p in by.items() if len(p) > 1} for s, by in out.items()}
+    return {s: by for s, by in out.items() if by}
 
 
 def write_report(records: list[dict], out_dir: Path, meta: dict) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
-    atomic_write_json(out_dir / "report.json", {"meta": meta, "summary": summary,
+    diffs = paired_differences(records)
+    atomic_write_json(out_dir / "report.json", {"meta": meta, "differences": diffs, "summary": summary,
                                                 "records": [{k: v for k, v in r.items() if k != "tokens"} | {
                                                     "num_tokens": len(r["tokens"])} for r in records]})
-    atomic_write_text(out_dir / "report.md", markdown_report(summary, meta))
-    plot_report(summary, out_dir)
+    atomic_write_text(out_dir / "report.md", markdown_report(summary, diffs, meta))
+    plot_report(summary, diffs, out_dir, meta.get("ttt_steps"))
     return summary
 
 

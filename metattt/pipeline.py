@@ -35,17 +35,19 @@ from metattt.progress import ProgressLines, has_terminal
 
 log = logging.getLogger("metattt")
 
+#: Where the embedded target ships (the tiny recipe's `target.path`).
+SHIPPED_TARGET = "data/tiny_target"
 
-def load_target(cfg: TargetConfig, num_draft_layers: int, tiny_config=None, heads_only: bool = False) -> FrozenTarget:
+
+def load_target(cfg: TargetConfig, num_draft_layers: int, heads_only: bool = False) -> FrozenTarget:
     """The frozen target; `heads_only`: just its embedding and LM head (training on cached features)."""
-    path = Path(cfg.path).expanduser()
-    if cfg.build_tiny and not (path / "config.json").is_file():
-        from metattt.tiny import ensure_tiny_target
+    from metattt.tiny import verify_shipped_target
 
-        if path.name != "target":
-            raise ValueError(f"target.build_tiny builds into <root>/target; {path} is not named 'target'")
-        log.info("no target at %s: building the tiny CPU target (once; later runs reuse it)", path)
-        ensure_tiny_target(root=path.parent, config=tiny_config)
+    path = Path(cfg.path).expanduser()
+    if path.resolve() == Path(SHIPPED_TARGET).resolve() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded target is missing at {path}: it ships with the project (restore it "
+                                f"with `git checkout -- {SHIPPED_TARGET}`) or rebuild it with `make target`")
+    verify_shipped_target(path)
     if heads_only:
         return FrozenTarget.load_heads_only(cfg.path, layer_ids=cfg.layer_ids, num_draft_layers=num_draft_layers,
                                             dtype=cfg.dtype)
@@ -223,7 +225,7 @@ def build_datamodule(data_kwargs: dict, tokenizer: PreTrainedTokenizerBase, seed
 
 
 def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, data: dict,
-                trainer_cfg: TrainerConfig, distill: DistillConfig, tiny_config=None) -> Path:
+                trainer_cfg: TrainerConfig, distill: DistillConfig) -> Path:
     """Distill a drafter and export it to `{out}/drafter/` (DFlash layout). Returns that folder."""
     from metattt.lit.distill import DistillModule
 
@@ -232,7 +234,7 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
                          "feature cache does not hold: unset data.feature_cache or set distill.kl_weight=0")
     L.seed_everything(run.seed, workers=True)
     # with cached features the target never runs: only the embedding and head the drafter borrows
-    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config,
+    target = load_target(target_cfg, drafter_args.num_hidden_layers,
                          heads_only=bool(data.get("feature_cache")))
     tokenizer = load_tokenizer(target_cfg.path)
     drafter = build_drafter(drafter_args, target, tokenizer)
@@ -254,8 +256,7 @@ def run_distill(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
 
 
 def run_meta_train(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
-                   data: dict, trainer_cfg: TrainerConfig, distill: DistillConfig, meta: MetaConfig,
-                   tiny_config=None) -> Path:
+                   data: dict, trainer_cfg: TrainerConfig, distill: DistillConfig, meta: MetaConfig) -> Path:
     """Meta-train a LoRA init on the distilled drafter; export a peft adapter to {out}/meta_lora/."""
     from metattt.lit.meta import MetaTrainModule
     from metattt.models.lora import add_lora, export_meta_lora
@@ -272,9 +273,9 @@ def run_meta_train(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draft
         if meta.drafter_path:
             raise FileNotFoundError(f"meta.drafter_path={drafter_path} has no drafter (config.json)")
         log.info("no drafter at %s: distilling one first", drafter_path)
-        run_distill(run, target_cfg, drafter_args, data, trainer_cfg, distill, tiny_config)
+        run_distill(run, target_cfg, drafter_args, data, trainer_cfg, distill)
     L.seed_everything(run.seed, workers=True)
-    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config,
+    target = load_target(target_cfg, drafter_args.num_hidden_layers,
                          heads_only=bool(data.get("feature_cache")))
     tokenizer = load_tokenizer(target_cfg.path)
     drafter = build_drafter(DrafterArgs(init_from=str(drafter_path), attn_implementation=drafter_args.attn_implementation),
@@ -320,7 +321,7 @@ def _zero_init_lora(drafter_path: Path, target: FrozenTarget, lora_config, seed:
 
 
 def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
-             trainer_cfg: TrainerConfig, cfg, tiny_config=None) -> dict | None:
+             trainer_cfg: TrainerConfig, cfg) -> dict | None:
     """Evaluate static / TTT-zero / TTT-meta drafters; write {out}/eval/report.{json,md} + plots."""
     from torch.utils.data import DataLoader
 
@@ -328,7 +329,7 @@ def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs
     from metattt.lit.eval import EvalModule
 
     L.seed_everything(run.seed, workers=True)
-    stack = load_eval_stack(run, target_cfg, drafter_args, lora, cfg.drafter_path, cfg.meta_lora_path, tiny_config)
+    stack = load_eval_stack(run, target_cfg, drafter_args, lora, cfg.drafter_path, cfg.meta_lora_path)
     target, tokenizer, model, ttt = stack["target"], stack["tokenizer"], stack["model"], stack["ttt"]
     inits, feature_head, drafter_path, meta_path = (stack["inits"], stack["feature_head"], stack["drafter_path"],
                                                     stack["meta_path"])
@@ -344,14 +345,15 @@ def run_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs
         for ids in load_prompts(files, tokenizer, cfg.prompt_len, cfg.num_prompts, run.seed):
             prompts.append({"split": split, "uid": len(prompts), "prompt": ids})
     eos = tokenizer.eos_token_id
-    out_dir = run.out_dir / "eval"
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else run.out_dir / "eval"
     meta = {"recipe": run.name, "drafter": str(drafter_path), "meta_lora": str(meta_path) if has_meta else None,
             "drafter_kind": getattr(model.config, "kind", "block"),
             "block_size": model.config.block_size, "prompt_len": cfg.prompt_len,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "rule": cfg.rule if cfg.temperature > 0 else "greedy", "ttt_steps": ttt.steps if cfg.ttt_steps is None
             else cfg.ttt_steps, "device": "cpu" if trainer_cfg.accelerator == "cpu" else trainer_cfg.accelerator}
-    module = EvalModule(target, model, plan, inits, cfg, list(cfg.splits), eos, run.seed, out_dir, meta, feature_head)
+    module = EvalModule(target, model, plan, inits, cfg, list(cfg.splits), eos, run.seed, out_dir, meta, feature_head,
+                        warmup_prompt=prompts[0]["prompt"] if prompts else None)
     trainer = L.Trainer(
         default_root_dir=out_dir, logger=TensorBoardLogger(save_dir=str(out_dir), name="tb"),
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
@@ -402,8 +404,7 @@ def check_feature_cache(dm, target: FrozenTarget) -> None:
                  cache.path, len(cache))
 
 
-def run_prepare(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, data: dict, prepare,
-                tiny_config=None) -> dict:
+def run_prepare(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, data: dict, prepare) -> dict:
     """Chat data → (target-regenerated) tokenized Arrow folders in `prepare.output_dir` (default
     {out}/data/{train,validation}); then, with `prepare.cache_features`, the hidden-state cache of the
     `data` section's sequences in `data.feature_cache`. Reruns reuse finished work."""
@@ -420,19 +421,21 @@ def run_prepare(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
     def get_target() -> FrozenTarget:
         nonlocal target
         if target is None:
-            target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+            target = load_target(target_cfg, drafter_args.num_hidden_layers)
             if torch.cuda.is_available():
                 target.to("cuda")
         return target
 
-    if target_cfg.build_tiny and not (Path(target_cfg.path) / "config.json").is_file():
-        get_target()  # builds the tiny target (and its tokenizer)
     tokenizer = load_tokenizer(target_cfg.path)
     result: dict = {}
     if prepare.train_files or prepare.val_files:
-        out_dir = Path(prepare.output_dir) if prepare.output_dir else run.out_dir / "data"
-        result["data"] = prepare_chat_data(prepare, tokenizer, out_dir, data.get("chat_template_kwargs"),
-                                           load_model=lambda: get_target().model)
+        out_dir = prepare_output_dir(run, prepare)
+        if prepare.records == "text":
+            result["data"] = prepare_text_continuations(prepare, tokenizer, out_dir, lambda: get_target().model,
+                                                        str(target_cfg.path), run.seed)
+        else:
+            result["data"] = prepare_chat_data(prepare, tokenizer, out_dir, data.get("chat_template_kwargs"),
+                                               load_model=lambda: get_target().model)
     if prepare.cache_features:
         kwargs = {k: v for k, v in data.items() if k != "feature_cache"}
         dm = build_datamodule(kwargs, tokenizer, run.seed, drafter_args.block_size)
@@ -448,9 +451,35 @@ def run_prepare(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterA
     return result
 
 
+def prepare_output_dir(run: RunConfig, prepare) -> Path:
+    return Path(prepare.output_dir) if prepare.output_dir else run.out_dir / "data"
+
+
+def prepare_text_continuations(prepare, tokenizer, out_dir: Path, load_model, model_name: str, seed: int) -> dict:
+    """`prepare.records: text`: train (and validation) folders of prompts continued by the target."""
+    from metattt.data.continuations import prepare_continuations
+
+    if prepare.regenerate != "transformers":
+        raise ValueError("prepare.records=text continues prompts with the local target: set "
+                         "prepare.regenerate=transformers")
+    if prepare.greedy_fraction < 1.0 and prepare.temperature <= 0:
+        raise ValueError("prepare.greedy_fraction < 1 samples the other prompts: set prepare.temperature > 0")
+    manifests = {}
+    for split, files, limit in (("train", prepare.train_files, prepare.max_records),
+                                ("validation", prepare.val_files, prepare.max_val_records or prepare.max_records)):
+        if files:
+            manifests[split] = prepare_continuations(
+                files, out_dir / split, tokenizer, load_model, prompt_lens=prepare.text_prompt_lens,
+                windows_per_doc=prepare.windows_per_doc, max_new_tokens=prepare.max_new_tokens,
+                greedy_fraction=prepare.greedy_fraction, temperature=prepare.temperature, max_records=limit,
+                seed=seed + (split == "validation"), batch_size=prepare.generate_batch_size, model_name=model_name,
+                overwrite=prepare.overwrite)
+    return manifests
+
+
 # --- draft-guided decoding on context-learning tasks (metattt.guided) ---------------------------------
 def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
-                    drafter_path: str | None, meta_lora_path: str | None, tiny_config=None) -> dict:
+                    drafter_path: str | None, meta_lora_path: str | None) -> dict:
     """What eval and guided-eval load: the target, its tokenizer,
     the peft-wrapped drafter, the exported TTT config, the LoRA inits ("zero", and "meta" when a
     meta-learned adapter exists) and the learned feature head (or None)."""
@@ -465,7 +494,7 @@ def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
         (adapter_base_drafter(meta_path) if has_meta else None) or run.out_dir / "drafter"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no drafter at {path}: run `make distill` (and `make meta-train`) first")
-    target = load_target(target_cfg, drafter_args.num_hidden_layers, tiny_config)
+    target = load_target(target_cfg, drafter_args.num_hidden_layers)
     tokenizer = load_tokenizer(target_cfg.path)
     drafter = build_drafter(DrafterArgs(init_from=str(path)), target, tokenizer)
     feature_head = None
@@ -483,7 +512,7 @@ def load_eval_stack(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
 
 
 def run_guided_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
-                    trainer_cfg: TrainerConfig, cfg, tiny_config=None) -> list[dict]:
+                    trainer_cfg: TrainerConfig, cfg) -> list[dict]:
     """Draft-guided decoding on context-learning tasks: category × temperature × α × TTT (+ null
     control); writes {out}/guided/report.{json,md}, accuracy_by_alpha.png and tasks.jsonl."""
     from metattt.clbench import make_judge, save_tasks
@@ -494,7 +523,7 @@ def run_guided_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
     L.seed_everything(run.seed, workers=True)
     judge = make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout_s)
     tasks = load_guided_tasks(cfg, run.seed)
-    s = load_eval_stack(run, target_cfg, drafter_args, lora, cfg.drafter_path, cfg.meta_lora_path, tiny_config)
+    s = load_eval_stack(run, target_cfg, drafter_args, lora, cfg.drafter_path, cfg.meta_lora_path)
     ttt = TTTConfig(**{**s["ttt"].__dict__})
     if cfg.ttt_steps is not None:
         ttt.steps = cfg.ttt_steps
@@ -524,3 +553,47 @@ def run_guided_eval(run: RunConfig, target_cfg: TargetConfig, drafter_args: Draf
     rows = write_guided_report(records, out_dir, meta)
     log.info("guided-eval report written to %s", out_dir / "report.md")
     return rows
+
+
+def run_sweep_stage(run: RunConfig, target_cfg: TargetConfig, drafter_args: DrafterArgs, lora: LoraArgs,
+                    eval_cfg, cfg) -> list[dict]:
+    """The TTT sweep (metattt.sweep) over the recipe's drafter and meta-learned adapter; {out}/sweep/."""
+    from dataclasses import replace
+
+    from metattt.models.lora import add_lora, copy_lora
+    from metattt.sweep import PLACEMENTS, Arm, plan_for, run_sweep, sweep_prompts
+
+    L.seed_everything(run.seed, workers=True)
+    s = load_eval_stack(run, target_cfg, drafter_args, lora, eval_cfg.drafter_path, eval_cfg.meta_lora_path)
+    model, target, tokenizer = s["model"], s["target"], s["tokenizer"]
+    peft_cfg = model.peft_config["default"]
+    rank, modules = int(peft_cfg.r), sorted(peft_cfg.target_modules)
+    scale = float(peft_cfg.lora_alpha) / rank
+    placement = next((n for n, m in PLACEMENTS.items() if sorted(m) == modules), "+".join(modules))
+    default_arm = f"r{rank} {placement}"
+    has_meta = "meta" in s["inits"]
+    arms = [Arm(default_arm, model, s["inits"], plan_for(cfg, s["ttt"], has_meta, rank_arm=False))]
+    available = {n.rsplit(".", 1)[-1] for n, _ in s["model"].get_base_model().named_modules()}
+    layouts = [(r, modules) for r in cfg.ranks if r != rank]
+    for name in cfg.placements:
+        if name not in PLACEMENTS:
+            raise ValueError(f"sweep.placements: unknown {name!r}; choose from {list(PLACEMENTS)}")
+        if sorted(PLACEMENTS[name]) == modules:
+            continue
+        if not set(PLACEMENTS[name]) <= available:
+            log.warning("sweep: the drafter has no %s: placement %s left out", set(PLACEMENTS[name]) - available, name)
+            continue
+        layouts.append((rank, PLACEMENTS[name]))
+    for r, mods in layouts:
+        fresh = build_drafter(DrafterArgs(init_from=str(s["drafter_path"])), target, tokenizer)
+        m = add_lora(fresh, r=r, alpha=max(1, round(scale * r)), target_modules=mods, seed=run.seed)
+        name = f"r{r} {next((n for n, p in PLACEMENTS.items() if sorted(p) == sorted(mods)), '+'.join(mods))}"
+        arms.append(Arm(name, m, {"zero": copy_lora(m)}, plan_for(cfg, s["ttt"], False, rank_arm=True)))
+    prompts = sweep_prompts(eval_cfg, cfg, tokenizer, run.seed)
+    ecfg = replace(eval_cfg, max_new_tokens=cfg.max_new_tokens, temperature=0.0, conditions=[])
+    meta = {"recipe": run.name, "drafter": str(s["drafter_path"]), "meta_lora": str(s["meta_path"]),
+            "default_arm": default_arm, "prompt_len": cfg.prompt_len or eval_cfg.prompt_len,
+            "max_new_tokens": cfg.max_new_tokens, "prompts_per_split": cfg.num_prompts, "temperature": 0.0}
+    log.info("TTT sweep: %d LoRA layouts, %d conditions, %d prompts", len(arms), sum(len(a.plan) for a in arms),
+             len(prompts))
+    return run_sweep(target, arms, prompts, ecfg, tokenizer.eos_token_id, run.seed, run.out_dir / "sweep", meta)

@@ -124,7 +124,7 @@ CODE_SNIPPETS = [
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Path:
     """A folder laid out like a recipe's: tokenizer + randomly initialised tiny target + jsonl data."""
-    from metattt.tiny import train_tokenizer
+    from metattt.tiny.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("ws")
     corpus = root / "corpus"
@@ -134,7 +134,7 @@ def workspace(tmp_path_factory) -> Path:
         with open(corpus / f"{name}.jsonl", "w") as f:
             for t in rows:
                 f.write(json.dumps({"text": t}) + "\n")
-    tok = train_tokenizer(corpus / "train.jsonl", root / "tokenizer", vocab_size=300)
+    tok = train_tokenizer([corpus / "train.jsonl"], root / "tokenizer", vocab_size=300)
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -149,10 +149,10 @@ def recipe_args(ws: Path, *extra: str) -> list[str]:
     return [
         "--config", "recipes/tiny.yaml",
         f"--run.output_root={ws / 'out'}", "--run.name=t",
-        f"--target.path={ws / 'target'}", "--target.build_tiny=false",
+        f"--target.path={ws / 'target'}", f"--corpus.dir={ws / 'corpus'}", "--corpus.build=false",
         f"--data.train_files={ws / 'corpus' / 'train.jsonl'}",
         f"--data.val_files={ws / 'corpus' / 'validation.jsonl'}",
-        "--data.max_length=48", "--data.batch_size=4",
+        "--data.max_length=48", "--data.batch_size=4", "--data.pack=true", "--meta.context=random",
         "--drafter.block_size=4", "--drafter.num_hidden_layers=2",
         "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
         "--distill.num_anchors=8", "--distill.limit_val_batches=1",

@@ -145,3 +145,44 @@ def test_eval_overrides_the_exported_ttt_settings():
     assert plan["ttt_meta"].learned_lrs is None and plan["ttt_meta@steps=1"].steps == 1
     assert plan["ttt_meta@steps=1"].num_anchors == 3
     assert (exported.steps, exported.num_anchors, exported.learned_lrs) == (3, 8, [0.1, 0.2])  # not mutated
+
+
+def _record(split, prompt, condition, accepted, wall, tokens=(1, 2, 3)):
+    S1 = 3
+    return dict(split=split, prompt=prompt, condition=condition, accepted=list(accepted), wall_time=wall,
+                prefill_time=0.1, ttt_time=0.0, tokens=list(tokens), position_accepted=[0] * S1,
+                position_reached=[0] * S1, lossless=None if condition == "target" else True)
+
+
+def test_report_leads_with_paired_differences_and_flags_impossible_speedups(tmp_path):
+    from metattt.evaluate import write_report
+
+    recs = []
+    for p in range(6):
+        recs.append(_record("shifted", p, "target", [], wall=1.0))
+        recs.append(_record("shifted", p, "static", [0, 1], wall=0.1))  # τ 1.5, speedup 10: impossible
+        recs.append(_record("shifted", p, "ttt_meta", [1, 2] if p % 2 else [2, 2], wall=1.0))
+    summary = write_report(recs, tmp_path, {"recipe": "t"})
+    assert summary["shifted"]["static"]["timing_suspect"] is True
+    assert summary["shifted"]["ttt_meta"]["timing_suspect"] is False
+    report = json.loads((tmp_path / "report.json").read_text())
+    d = report["differences"]["shifted"]["ttt_meta - static"]
+    # per prompt: τ(ttt_meta) ∈ {2.5, 3.0}, τ(static) = 1.5 -> Δ ∈ {1.0, 1.5}, mean 1.25
+    assert d["n"] == 6 and d["mean"] == 1.25 and 1.0 <= d["ci_low"] < 1.25 < d["ci_high"] <= 1.5 and d["significant"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("Paired differences") < md.index("τ and speed per condition")
+    assert "**+1.25 [" in md and "⚠" in md and "not results" in md
+
+
+def test_conditions_rotate_per_prompt_and_steps_curves_collect_grid_points():
+    from metattt.evaluate import rotated, steps_curves
+
+    plan = [("target", None), ("static", None), ("ttt_meta", None)]
+    assert [c for c, _ in rotated(plan, 0)] == ["target", "static", "ttt_meta"]
+    assert [c for c, _ in rotated(plan, 4)] == ["static", "ttt_meta", "target"]
+    firsts = {rotated(plan, i)[0][0] for i in range(3)}
+    assert firsts == {"target", "static", "ttt_meta"}
+    d = {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2}
+    diffs = {"s": {"ttt_meta - static": d, "ttt_meta@steps=1 - static": d, "ttt_meta@steps=1 - ttt_meta": d,
+                   "ttt_zero@lr=0.1 - static": d}}
+    assert steps_curves(diffs, default_steps=3) == {"s": {"ttt_meta": [(1, d), (3, d)]}}

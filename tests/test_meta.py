@@ -281,3 +281,22 @@ def test_meta_train_cli_distills_first_then_exports_and_resumes(workspace, tmp_p
     assert ckpt["global_step"] == 2
     main(["meta-train", *args(3)])
     assert torch.load(out / "meta" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_prompt_context_splits_at_the_first_trained_token_and_trains_on_the_whole_prompt():
+    T = 40
+    ids = torch.arange(T)[None].repeat(3, 1) % 50 + 2
+    loss_mask = torch.zeros(3, T, dtype=torch.long)
+    loss_mask[0, 20:] = 1  # a prompt of 20 tokens, then the target's continuation
+    loss_mask[1, 30:] = 1  # a prompt of 30: beyond context_max, dropped
+    loss_mask[2, 3:] = 1  # a prompt of 3: no room for a block, dropped
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+    feats = torch.randn(3, T, 8)
+    tasks = make_tasks(batch, feats, 8, 25, 4, torch.Generator().manual_seed(0), context="prompt")
+    assert len(tasks) == 1
+    task = tasks[0]
+    assert task.context_len == 20
+    assert task.context_loss_mask.all()  # TTT trains on every prompt token, as at inference
+    assert torch.equal(task.loss_mask[:, 20:], loss_mask[:1, 20:])  # the outer loss: the continuation only
+    with pytest.raises(ValueError, match="context="):
+        make_tasks(batch, feats, 8, 25, 4, torch.Generator(), context="middle")

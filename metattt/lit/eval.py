@@ -23,7 +23,8 @@ def metric_key(split: str, condition: str) -> str:
 class EvalModule(L.LightningModule):
     def __init__(self, target: nn.Module, drafter: nn.Module, plan: list[tuple[str, TTTConfig | None]],
                  inits: dict[str, ParamDict], cfg: EvalConfig, splits: list[str], eos_token_id, seed: int,
-                 out_dir: Path, meta: dict | None = None, feature_head: nn.Module | None = None):
+                 out_dir: Path, meta: dict | None = None, feature_head: nn.Module | None = None,
+                 warmup_prompt: list[int] | None = None):
         super().__init__()
         self.target, self.drafter, self.feature_head = target, drafter, feature_head
         self.plan, self.inits, self.cfg, self.eos, self.seed = plan, inits, cfg, eos_token_id, seed
@@ -34,11 +35,20 @@ class EvalModule(L.LightningModule):
         self.by_position = nn.ModuleDict({k: PerPositionAcceptance(S) for k in keys})
         self.records: list[dict] = []
         self.summary: dict | None = None
+        self.warmup_prompt = warmup_prompt
+
+    def on_test_start(self) -> None:
+        """One short untimed generation of every condition first, so no condition's timing pays
+        for first-call costs (allocator growth, kernel selection, lazy imports)."""
+        if self.warmup_prompt:
+            evaluate_prompt(self.target, self.drafter, self.warmup_prompt, self.plan, self.inits, self.cfg, self.eos,
+                            seed=self.seed, feature_head=self.feature_head, max_new_tokens=min(16, self.cfg.max_new_tokens))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         uid = int(batch["uid"])
         recs = evaluate_prompt(self.target, self.drafter, batch["prompt"], self.plan, self.inits, self.cfg,
-                               self.eos, seed=self.seed * 1_000_003 + uid, feature_head=self.feature_head)
+                               self.eos, seed=self.seed * 1_000_003 + uid, feature_head=self.feature_head,
+                               order_offset=uid)
         for r in recs:
             r.update(split=batch["split"], prompt=uid)
             if r["condition"] != "target" and r["accepted"]:

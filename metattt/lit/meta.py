@@ -87,7 +87,8 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
             features = self.target(batch["input_ids"], attention_mask=batch["attention_mask"],
                                    return_logits=False).features  # (B, T, n·H)
         g = self._generator(batch_idx, stage)
-        tasks = make_tasks(batch, features, self.cfg.context_min, self.cfg.context_max, self.block_size, g)
+        tasks = make_tasks(batch, features, self.cfg.context_min, self.cfg.context_max, self.block_size, g,
+                           self.cfg.context)
         phi = {n: p for n, p in self.drafter.named_parameters() if n in self.fast_names}
         return meta_batch(
             self.drafter, phi, tasks, algorithm=algorithm, steps=self.cfg.inner_steps, lr=self.inner_lr(),

@@ -96,6 +96,9 @@ class Task:
         return self.loss_mask[:, : self.context_len]
 
 
+CONTEXT_MODES = ("random", "prompt")
+
+
 def make_tasks(
     batch: dict[str, torch.Tensor],
     features: torch.Tensor,  # (B, T, n·H)
@@ -103,22 +106,37 @@ def make_tasks(
     context_max: int,
     block_size: int,
     generator: torch.Generator,
+    context: str = "random",
 ) -> list[Task]:
-    """One task per row that has room for a block in its context and one in its continuation."""
+    """One task per row that has room for a block in its context and one in its continuation.
+
+    context="random": the split point is drawn in [context_min, context_max]; the inner loss trains
+    on the context's loss-masked tokens.
+    context="prompt": the split point is the row's first trained token (the prompt of a record the
+    target continued, the turns before an assistant's), and the inner loss trains on every token of
+    that prompt, as TTT does at inference; context_min / context_max bound the prompts used.
+    """
+    if context not in CONTEXT_MODES:
+        raise ValueError(f"context={context!r}: choose one of {CONTEXT_MODES}")
     tasks = []
     lengths = batch["attention_mask"].sum(-1).tolist()
     for row, length in enumerate(lengths):
-        lo = max(context_min, block_size + 1)
-        hi = min(context_max, length - block_size)
-        if hi < lo:
-            continue
-        ctx = int(torch.randint(lo, hi + 1, (1,), generator=generator))
-        tasks.append(Task(
-            ids=batch["input_ids"][row : row + 1, :length],
-            features=features[row : row + 1, :length],
-            loss_mask=batch["loss_mask"][row : row + 1, :length],
-            context_len=ctx,
-        ))
+        ids = batch["input_ids"][row : row + 1, :length]
+        loss_mask = batch["loss_mask"][row : row + 1, :length]
+        if context == "prompt":
+            trained = loss_mask[0].nonzero()
+            ctx = int(trained[0]) if trained.numel() else length
+            if not (max(context_min, block_size + 1) <= ctx <= min(context_max, length - block_size)):
+                continue
+            loss_mask = loss_mask.clone()
+            loss_mask[:, :ctx] = 1
+        else:
+            lo = max(context_min, block_size + 1)
+            hi = min(context_max, length - block_size)
+            if hi < lo:
+                continue
+            ctx = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        tasks.append(Task(ids=ids, features=features[row : row + 1, :length], loss_mask=loss_mask, context_len=ctx))
     return tasks
 
 
