@@ -45,10 +45,19 @@ class InnerResult:
     reason: str = ""
 
 
-def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None) -> list[torch.Tensor]:
-    """Differentiable global-norm clipping (TTT-E2E clips inner gradients at 1.0)."""
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None,
+                        per_row: bool = False) -> list[torch.Tensor]:
+    """Differentiable global-norm clipping (TTT-E2E clips inner gradients at 1.0).
+
+    per_row: every gradient carries a leading request dim (R, ...) of independent fast weights
+    (metattt.ttt.batched); each row is clipped by its own global norm, as if adapted alone.
+    """
     if max_norm is None or max_norm <= 0:
         return grads
+    if per_row:
+        norm = torch.sqrt(sum((g.float() ** 2).flatten(1).sum(1) for g in grads))  # (R,)
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return [g * scale.to(g.dtype).view(-1, *(1,) * (g.dim() - 1)) for g in grads]
     norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     return [g * scale.to(g.dtype) for g in grads]
@@ -59,6 +68,7 @@ def _sgd_step(
     names: list[str],
     lrs: list[torch.Tensor | float],
     clip: float | None,
+    clip_per_row: bool,
     create_graph: bool,
     step: int,
     *values: torch.Tensor,
@@ -67,7 +77,7 @@ def _sgd_step(
     loss = loss_fn(params, step)
     grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True)
     grads = [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)]
-    grads = clip_by_global_norm(grads, clip)
+    grads = clip_by_global_norm(grads, clip, clip_per_row)
     new = tuple(v - lr * g for v, lr, g in zip(values, lrs, grads))
     return (loss, *new)
 
@@ -80,6 +90,7 @@ def inner_loop(
     clip: float | None = 1.0,
     create_graph: bool = False,
     checkpoint: bool = False,
+    clip_per_row: bool = False,
 ) -> InnerResult:
     """`steps` steps of SGD on `loss_fn(params, step)` over the fast weights `params`.
 
@@ -87,6 +98,8 @@ def inner_loop(
     create_graph: keep the graph of every step, so a later backward is exactly second order.
     checkpoint: recompute each inner step in the backward (non-reentrant), trading compute
         for the memory of `steps` retained graphs.
+    clip_per_row: fast weights carry a leading request dim; clip each row's gradient by its own
+        global norm (see `clip_by_global_norm`).
 
     Returns the adapted weights; on a non-finite loss or gradient, the initial weights with
     `skipped=True` (the caller counts and drops the task; the run goes on).
@@ -97,10 +110,10 @@ def inner_loop(
     losses: list[torch.Tensor] = []
     for step in range(steps):
         if checkpoint and create_graph:
-            out = activation_checkpoint(_sgd_step, loss_fn, names, lrs, clip, create_graph, step, *values,
+            out = activation_checkpoint(_sgd_step, loss_fn, names, lrs, clip, clip_per_row, create_graph, step, *values,
                                         use_reentrant=False)
         else:
-            out = _sgd_step(loss_fn, names, lrs, clip, create_graph, step, *values)
+            out = _sgd_step(loss_fn, names, lrs, clip, clip_per_row, create_graph, step, *values)
         loss, new = out[0], out[1:]
         if not math.isfinite(loss.item()) or not all(torch.isfinite(v).all() for v in new):
             return InnerResult(params=dict(params), losses=losses, skipped=True,
