@@ -19,7 +19,8 @@ help:
 	@echo "make sweep            TTT sweep (steps, lr, rank, placement) -> checkpoints/RECIPE/sweep/sweep.md"
 	@echo "make guided-eval      draft-guided decoding on context-learning tasks -> checkpoints/RECIPE/guided/report.md"
 	@echo "make bench            cost ratios + τ table -> bench/results.json and README Results"
-	@echo "make test             the test suite (CPU)"
+	@echo "make test             the test suite (CPU): unit and end-to-end tests"
+	@echo "make test-fast        the unit tests only (no stage run end to end)"
 	@echo "make lint             ruff"
 	@echo "RECIPE=qwen3_4b ARGS='--trainer.devices=8' make distill   (any recipe, any override)"
 
@@ -63,12 +64,16 @@ guided-eval:
 	$(PY) -m metattt guided-eval --config $(CONFIG) $(ARGS)
 
 bench:
-	$(PY) -m metattt.bench --config $(CONFIG) $(ARGS)
+	$(PY) -m metattt bench --config $(CONFIG) $(ARGS)
 	@if [ -f checkpoints/$(RECIPE)/eval/tau_by_condition.png ]; then cp checkpoints/$(RECIPE)/eval/tau_by_condition.png bench/; fi
 	$(PY) scripts/readme_results.py
 
 test:
 	$(PY) -m pytest -q -ra $(ARGS)
+
+# the unit tier: functions of tensors and small objects, seconds each (no stage run end to end)
+test-fast:
+	$(PY) -m pytest -q -ra -m "not e2e" $(ARGS)
 
 lint:
 	$(PY) -m ruff check metattt tests

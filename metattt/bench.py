@@ -18,7 +18,6 @@ timing does not depend on the weights; τ uses the trained tiny target, drafter 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -30,13 +29,17 @@ from pathlib import Path
 
 import torch
 
-from metattt.losses import block_prediction_loss, default_gamma, sample_anchors, valid_anchor_mask
-from metattt.models.drafter import BlockDrafter, DrafterConfig, set_attn_implementation
+from metattt.anchors import sample_anchors, valid_anchor_mask
+from metattt.atomic import atomic_write_json
+from metattt.config import Recipe, default_gamma
+from metattt.losses import block_prediction_loss
+from metattt.models.base import set_attn_implementation
+from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
 from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.models.target import FrozenTarget
+from metattt.stats import fmt
 from metattt.ttt.meta import meta_batch
 from metattt.ttt.tasks import Task, TTTConfig, TTTObjective, ttt_adapt
-from metattt.utils import atomic_write_json
 
 log = logging.getLogger("metattt")
 
@@ -112,7 +115,7 @@ def _peak(fn: Callable[[], None], device: torch.device) -> int:
 def build_models(target_config: dict, num_layers: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  lora_r: int = 16):
     target = FrozenTarget.from_config(dict(target_config), num_draft_layers=num_layers, dtype=dtype).to(device)
-    cfg = DrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=target.layer_ids,
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=target.layer_ids,
                                     num_hidden_layers=num_layers, block_size=block_size)
     drafter = BlockDrafter(cfg).to(device=device, dtype=dtype).attach_target(target)
     model = add_lora(drafter, r=lora_r, alpha=2 * lora_r).to(device=device, dtype=dtype)
@@ -233,8 +236,8 @@ def format_real_shape(res: dict) -> str:
              + " |", "|---|---|" + "---|" * len(counts)]
     for row in rows:
         by = row.get("ttt_over_prefill_by_anchors") or {counts[0]: row["ttt_over_prefill"]}
-        lines.append(f"| {row['prompt_len']} | {_f(row['prefill_s'], '.1f')} | "
-                     + " | ".join(_f(by[n]) for n in counts) + " |")
+        lines.append(f"| {row['prompt_len']} | {fmt(row['prefill_s'], '.1f')} | "
+                     + " | ".join(fmt(by[n]) for n in counts) + " |")
     return "\n".join(lines)
 
 
@@ -242,23 +245,23 @@ def draft_costs(target, num_layers: int, block_size: int, context_len: int, reps
     """Seconds to draft one block with each drafter kind (same widths), timed alternately, plus
     one target verification forward of the block for scale."""
     from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig
-    from metattt.spec.decode import draft_autoregressive, draft_block
+    from metattt.spec.decode import draft
 
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     kw = dict(mask_token_id=1, target_layer_ids=target.layer_ids, num_hidden_layers=num_layers,
               block_size=block_size)
     drafters = {
-        "block": (BlockDrafter(DrafterConfig.from_target(target.config, **kw)), draft_block),
-        "autoregressive": (ARDrafter(ARDrafterConfig.from_target(target.config, **kw)), draft_autoregressive),
+        "block": BlockDrafter(BlockDrafterConfig.from_target(target.config, **kw)),
+        "autoregressive": ARDrafter(ARDrafterConfig.from_target(target.config, **kw)),
     }
     ids = _batch(target.config.vocab_size, 1, context_len + block_size, device)["input_ids"]
     feats = target(ids[:, :context_len], return_logits=False).features
     runs = {}
-    for name, (drafter, draft) in drafters.items():
+    for name, drafter in drafters.items():
         drafter = drafter.to(device=device, dtype=dtype).attach_target(target).eval()
         ctx = drafter.extend_cache(None, feats)
-        runs[name] = (lambda d=drafter, f=draft, c=ctx: f(d, 5, context_len, c, 0.0, 1.0, None, False, device))
+        runs[name] = (lambda d=drafter, c=ctx: draft(d, 5, context_len, c, 0.0, 1.0, None, False))
     runs["target_verify"] = lambda: target(ids[:, :block_size], return_logits=True)
     with torch.no_grad():
         out = _interleaved_medians(runs, device, reps)
@@ -266,26 +269,21 @@ def draft_costs(target, num_layers: int, block_size: int, context_len: int, reps
     return out
 
 
-def tau_section(config: str, reuse: bool) -> dict:
+def tau_section(r: Recipe, reuse: bool) -> dict:
     """τ from the eval stage of the recipe (meta-training and distilling first where missing).
 
     reuse: take `{out}/eval/report.json` when it is newer than the meta-learned adapter (its
     speedups were measured side by side within that eval run) instead of evaluating again.
     """
-    from metattt import pipeline
-    from metattt.cli import parse_recipe
+    from metattt.stages import STAGES
 
-    _, r = parse_recipe(["eval", "--config", config, "--trainer.enable_progress_bar=false"])
     meta_dir = r.run.out_dir / "meta_lora"
     report_path = r.run.out_dir / "eval" / "report.json"
     if not (meta_dir / "adapter_config.json").is_file():
-        from metattt.cli import _section_dict
-
-        pipeline.run_meta_train(r.run, r.target, r.drafter, r.lora, _section_dict(r.data), r.trainer, r.distill,
-                                r.meta, tiny_config=r.tiny_target)
+        STAGES["meta-train"].run(r)
     fresh = report_path.is_file() and report_path.stat().st_mtime > (meta_dir / "adapter_config.json").stat().st_mtime
     if not (reuse and fresh):
-        pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval, tiny_config=r.tiny_target)
+        STAGES["eval"].run(r)
     report = json.loads(report_path.read_text())
     summary = report["summary"]
     target_report = Path(r.target.path) / "tiny_target_report.json"
@@ -300,13 +298,10 @@ def _machine(device: torch.device, preset: str) -> dict:
     return {"device": name, "torch": torch.__version__, "preset": preset}
 
 
-def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bool = True) -> dict:
+def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bool = True) -> dict:
     device = torch.device("cuda" if full and torch.cuda.is_available() else "cpu")
     if full and device.type != "cuda":
-        raise RuntimeError("--full is the GPU preset and needs CUDA; run without --full on CPU")
-    from metattt.cli import parse_recipe
-
-    _, r = parse_recipe(["eval", "--config", config])
+        raise RuntimeError("bench.full is the GPU preset and needs CUDA; run without it on CPU")
     if full:
         tcfg, layers, S, dtype = QWEN3_4B, 5, 16, torch.bfloat16
         B, T, ctx, anchors, lengths, reps = 1, 2048, 1024, 256, [256, 1024, 4096], 5
@@ -318,12 +313,12 @@ def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: 
                     num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
                     max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=True)
         layers, S, dtype = r.drafter.num_hidden_layers, r.drafter.block_size, torch.float32
-        B, T, ctx, anchors, lengths, reps = 2, 256, 128, r.meta.inner_anchors, [256, 1024], 3
+        B, T, ctx, anchors, lengths, reps = 2, 256, 128, r.meta.ttt.num_anchors, [256, 1024], 3
         ks, ctxs = [1, 2, 4], [64, 128, 192]
     torch.manual_seed(0)
     target, model = build_models(tcfg, layers, S, dtype, device)
     batch = _batch(tcfg["vocab_size"], B, T, device)
-    k = r.meta.inner_steps
+    k = r.meta.ttt.steps
     results: dict = {
         "machine": _machine(device, "full" if full else "quick"),
         "setup": {"target": {k2: tcfg[k2] for k2 in ("hidden_size", "num_hidden_layers", "vocab_size")},
@@ -349,15 +344,11 @@ def run(config: str, full: bool, out: Path, skip_tau: bool = False, reuse_eval: 
     del target, model
     if not skip_tau and not full:
         log.info("bench: τ on the recipe (eval stage)")
-        results["tau"] = tau_section(config, reuse=reuse_eval)
+        results["tau"] = tau_section(r, reuse=reuse_eval)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
     print(format_tables(results))
     return results
-
-
-def _f(x, spec=".2f") -> str:
-    return "—" if x is None or x != x else format(x, spec)
 
 
 def format_tables(res: dict) -> str:
@@ -366,64 +357,62 @@ def format_tables(res: dict) -> str:
              "| meta step (k inner steps) | step time ÷ distill step | peak memory ÷ distill step |", "|---|---|---|"]
     for algo in ("maml", "fomaml", "reptile"):
         v = res["meta_step"][algo]
-        lines.append(f"| {algo} | {_f(v['step_ratio'])} | {_f(v['mem_ratio'])} |")
+        lines.append(f"| {algo} | {fmt(v['step_ratio'])} | {fmt(v['mem_ratio'])} |")
     if "distill_kl" in res["meta_step"]:
         v = res["meta_step"]["distill_kl"]
-        lines.append(f"| distill step with KL to the target (w = 0.5), for scale | {_f(v['step_ratio'])} | "
-                     f"{_f(v['mem_ratio'])} |")
+        lines.append(f"| distill step with KL to the target (w = 0.5), for scale | {fmt(v['step_ratio'])} | "
+                     f"{fmt(v['mem_ratio'])} |")
     lines += ["", "| prompt tokens | 5 TTT steps ÷ target prefill |", "|---|---|"]
     for row in res["ttt_prefill"]:
-        lines.append(f"| {row['prompt_len']} | {_f(row['ttt_over_prefill'])} |")
+        lines.append(f"| {row['prompt_len']} | {fmt(row['ttt_over_prefill'])} |")
     if "draft_cost" in res:
         d = res["draft_cost"]
         lines += ["", "| drafting one block | ms | ÷ block drafter |", "|---|---|---|",
-                  f"| block drafter (1 forward) | {_f(d['block'] * 1e3)} | 1.00 |",
-                  f"| autoregressive drafter (S-1 forwards) | {_f(d['autoregressive'] * 1e3)} | "
-                  f"{_f(d['autoregressive_over_block'])} |",
-                  f"| target verification forward (for scale) | {_f(d['target_verify'] * 1e3)} | "
-                  f"{_f(d['target_verify'] / d['block'])} |"]
+                  f"| block drafter (1 forward) | {fmt(d['block'] * 1e3)} | 1.00 |",
+                  f"| autoregressive drafter (S-1 forwards) | {fmt(d['autoregressive'] * 1e3)} | "
+                  f"{fmt(d['autoregressive_over_block'])} |",
+                  f"| target verification forward (for scale) | {fmt(d['target_verify'] * 1e3)} | "
+                  f"{fmt(d['target_verify'] / d['block'])} |"]
     lines += ["", "| context tokens | maml step ÷ distill step |", "|---|---|"]
     for row in res["scaling"]["by_context"]:
-        lines.append(f"| {row['context_len']} | {_f(row['maml'])} |")
+        lines.append(f"| {row['context_len']} | {fmt(row['maml'])} |")
     lines += ["", "| inner steps k | maml ÷ distill | fomaml ÷ distill |", "|---|---|---|"]
     for row in res["scaling"]["by_k"]:
-        lines.append(f"| {row['k']} | {_f(row['maml'])} | {_f(row['fomaml'])} |")
+        lines.append(f"| {row['k']} | {fmt(row['maml'])} | {fmt(row['fomaml'])} |")
     if "tau" in res:
         lines += ["", "| split | condition | τ | ± s.e. | n | speedup | speedup ÷ τ |", "|---|---|---|---|---|---|---|"]
         for split, conds in res["tau"]["summary"].items():
             for cond, s in conds.items():
                 if cond == "target":
                     continue
-                lines.append(f"| {split} | {cond} | {_f(s.get('tau'))} | {_f(s.get('tau_stderr'))} | {s['n']} | "
-                             f"{_f(s.get('speedup'))} | {_f(s.get('speedup_over_tau'))} |")
+                lines.append(f"| {split} | {cond} | {fmt(s.get('tau'))} | {fmt(s.get('tau_stderr'))} | {s['n']} | "
+                             f"{fmt(s.get('speedup'))} | {fmt(s.get('speedup_over_tau'))} |")
         q = res["tau"].get("target_quality") or {}
         if q:
-            lines += ["", f"Tiny target: held-out loss {_f(q.get('val_loss'))} (in-domain), "
-                          f"{_f(q.get('shifted_loss'))} (shifted); distinct-2/4 of greedy continuations "
-                          f"{_f(q.get('distinct_2'))}/{_f(q.get('distinct_4'))}."]
+            lines += ["", f"Tiny target: held-out loss {fmt(q.get('val_loss'))} (in-domain), "
+                          f"{fmt(q.get('shifted_loss'))} (shifted); distinct-2/4 of greedy continuations "
+                          f"{fmt(q.get('distinct_2'))}/{fmt(q.get('distinct_4'))}."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="recipes/tiny.yaml", help="recipe YAML")
-    p.add_argument("--full", action="store_true", help="GPU preset (Qwen3-4B-sized random model)")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results.json, "
-                   "bench/results_gpu.json with --full)")
-    p.add_argument("--skip-tau", action="store_true", help="costs only (no eval stage)")
-    p.add_argument("--fresh-eval", action="store_true", help="evaluate again even if a newer eval report exists")
-    p.add_argument("--qwen3-4b-ttt", action="store_true",
-                   help="only TTT ÷ prefill at Qwen3-4B's shape (bf16; GPU if any, else CPU: ~15 GB RAM, ~20 min "
-                        "on 2 cores) -> bench/results_qwen3_4b_<cpu|gpu>.json")
-    a = p.parse_args(argv)
-    if a.qwen3_4b_ttt:
+def bench(r: Recipe) -> dict | None:
+    """The `bench` stage: what `r.bench` asks for, on the recipe's dimensions."""
+    cfg = r.bench
+    if cfg.qwen3_4b_ttt:
         kind = "gpu" if torch.cuda.is_available() else "cpu"
-        real_shape_ttt(a.out or Path(f"bench/results_qwen3_4b_{kind}.json"), [256, 1024, 4096], [16, 64])
-        return
-    out = a.out or Path("bench/results_gpu.json" if a.full else "bench/results.json")
-    run(a.config, a.full, out, a.skip_tau, reuse_eval=not a.fresh_eval)
+        real_shape_ttt(Path(cfg.out) if cfg.out else Path(f"bench/results_qwen3_4b_{kind}.json"), [256, 1024, 4096],
+                       [16, 64])
+        return None
+    out = Path(cfg.out) if cfg.out else Path("bench/results_gpu.json" if cfg.full else "bench/results.json")
+    return run(r, cfg.full, out, cfg.skip_tau, reuse_eval=not cfg.fresh_eval)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m metattt.bench [--full] ...` is `python -m metattt bench --bench.full=true ...`
+    import sys
+
+    from metattt.cli import main
+
+    flags = {"--full": "--bench.full=true", "--skip-tau": "--bench.skip_tau=true",
+             "--fresh-eval": "--bench.fresh_eval=true", "--qwen3-4b-ttt": "--bench.qwen3_4b_ttt=true"}
+    args = [flags.get(a, a) for a in sys.argv[1:]]
+    main(["bench", *args] if "--config" in args else ["bench", "--config", "recipes/tiny.yaml", *args])

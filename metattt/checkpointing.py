@@ -4,7 +4,7 @@
   the file it replaces is kept as `x.prev.ckpt`. A kill mid-write leaves the old checkpoint intact.
 - `find_resumable_checkpoint`: the newest checkpoint that passes an integrity check (zip CRCs +
   structure); a truncated or corrupt one is reported by name and the previous one is used.
-- Exports (drafter, LoRA folders) are atomic too: `metattt.utils.atomic_dir`.
+- Exports (drafter, LoRA folders) are atomic too: `metattt.atomic.atomic_dir`.
 - `ResumableSampler` + `ResumableDataLoader`: the shuffle order is a function of (seed, epoch) and the
   same global order for any number of processes; the loader's position (samples seen in the epoch) is
   saved in checkpoints and a resumed run continues mid-epoch exactly where the interrupted one was.
@@ -276,6 +276,15 @@ class DataPosition(L.Callback):
             log.warning("the checkpoint has a data position but the train loader is not a ResumableDataLoader: "
                         "the interrupted epoch restarts from its first batch")
         self._pending = None
+
+
+def step_generator(seed: int, step: int, rank: int, stage: str) -> torch.Generator:
+    """The generator of one training step's (or validation batch's) own draws (anchors, task splits):
+    a function of (seed, step, rank) only, so a resumed run samples what an uninterrupted one would
+    have, and validation sees the same blocks every time (`step` is then the batch index)."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 31 + (stage == "val")) % 2**62)
+    return g
 
 
 class StepSeeder(L.Callback):

@@ -1,124 +1,86 @@
 """`python -m metattt <stage> --config recipes/<recipe>.yaml [--section.key value ...]`.
 
-Every stage parses the whole recipe (the same YAML drives all stages), validates it against
-the typed sections in `metattt.config` and the DataModule's signature, and runs.
+Every stage parses the whole recipe (the same YAML drives all stages) into the typed `Recipe`
+(metattt.config), refusing renamed keys with their new names, and runs `STAGES[stage]`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
 
-from metattt.config import (
-    DistillConfig,
-    DrafterArgs,
-    LoraArgs,
-    MetaConfig,
-    PrepareConfig,
-    RunConfig,
-    TargetConfig,
-    TrainerConfig,
-)
-from metattt.data.datamodule import SequenceDataModule
-from metattt.evaluate import EvalConfig
-from metattt.export.serving import ExportConfig
-from metattt.guided import GuidedEvalConfig
-from metattt.sweep import SweepConfig
-from metattt.tiny import CorpusConfig, TinyTargetConfig
+from metattt.config import RENAMED_KEYS, RENAMED_LIST_KEYS, Recipe
+from metattt.stages import STAGES
 
-STAGES: dict[str, str] = {
-    "distill": "Distill a block drafter from the frozen target; export it to {out}/drafter/.",
-    "meta-train": "Meta-train the drafter's LoRA initialization; export a peft adapter to {out}/meta_lora/.",
-    "eval": "Prefill TTT + speculative decoding: τ for static / TTT-zero / TTT-meta; {out}/eval/report.md.",
-    "prepare": "Chat data -> target-regenerated, tokenized Arrow folders in {out}/data/ (+ the hidden-state cache).",
-    "guided-eval": "Draft-guided decoding on context-learning tasks (α × TTT × temperature, null control); "
-                   "{out}/guided/report.md.",
-    "export": "Serving folder (DFlash layout, what vLLM / SGLang load): the static drafter to {out}/serve/static/, "
-              "or with --merge-lora the meta-learned LoRA merged in to {out}/serve/meta_static/.",
-    "sweep": "TTT sweep: TTT steps x inner lr x LoRA rank x LoRA placement, Δτ vs static; {out}/sweep/sweep.md.",
-    "build-target": "Rebuild the embedded target (corpus, tokenizer, small Qwen3 LM) into target.path (data/tiny_target).",
-}
-
-
-def add_recipe_arguments(parser: ArgumentParser) -> None:
-    parser.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (recipes/*.yaml).")
-    parser.add_class_arguments(RunConfig, "run")
-    parser.add_class_arguments(TargetConfig, "target")
-    parser.add_class_arguments(CorpusConfig, "corpus")
-    parser.add_class_arguments(TinyTargetConfig, "tiny_target")
-    parser.add_class_arguments(DrafterArgs, "drafter")
-    parser.add_class_arguments(SequenceDataModule, "data", skip={"tokenizer"}, instantiate=False)
-    parser.add_class_arguments(TrainerConfig, "trainer")
-    parser.add_class_arguments(DistillConfig, "distill")
-    parser.add_class_arguments(LoraArgs, "lora")
-    parser.add_class_arguments(MetaConfig, "meta")
-    parser.add_class_arguments(PrepareConfig, "prepare")
-    parser.add_class_arguments(EvalConfig, "eval")
-    parser.add_class_arguments(GuidedEvalConfig, "guided")
-    parser.add_class_arguments(SweepConfig, "sweep")
-    parser.add_class_arguments(ExportConfig, "export")
+__all__ = ["build_parser", "check_renamed_keys", "main", "parse_recipe", "run_stage"]
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="metattt", description="Meta-learned test-time-training drafters.")
     subcommands = parser.add_subcommands(required=True, dest="stage")
-    for stage, help_text in STAGES.items():
-        sub = ArgumentParser(description=help_text)
-        add_recipe_arguments(sub)
-        if stage == "export":
+    for name, stage in STAGES.items():
+        sub = ArgumentParser(description=stage.help)
+        sub.add_argument("--config", action=ActionConfigFile, help="Recipe YAML (recipes/*.yaml).")
+        for f in dataclasses.fields(Recipe):
+            sub.add_class_arguments(f.default_factory, f.name)
+        if name == "export":
             sub.add_argument("--merge-lora", action="store_true",
                              help="Merge the meta-learned LoRA into the drafter (same as --export.merge_lora=true).")
-        subcommands.add_subcommand(stage, sub, help=help_text)
+        subcommands.add_subcommand(name, sub, help=stage.help)
     return parser
 
 
-def parse_recipe(argv: list[str]) -> tuple[str, Namespace]:
-    """Parse argv into (stage, instantiated recipe namespace)."""
+def _flat_keys(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out[key] = v
+        if isinstance(v, dict):
+            out.update(_flat_keys(v, key + "."))
+    return out
+
+
+def check_renamed_keys(argv: list[str]) -> None:
+    """Refuse recipe keys that were renamed (in the recipe file or on the command line), naming the new key."""
+    found: dict[str, object] = {}
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+            found.update(_flat_keys(yaml.safe_load(Path(argv[i + 1]).read_text()) or {}))
+        m = re.match(r"--([\w.]+)(?:=(.*))?$", arg)
+        if m:
+            found[m.group(1)] = m.group(2)
+    for key, value in found.items():
+        if key in RENAMED_KEYS:
+            raise ValueError(f"recipe key {key} was renamed: use {RENAMED_KEYS[key]}")
+        if key in RENAMED_LIST_KEYS and (isinstance(value, list) or (isinstance(value, str) and value.startswith("["))):
+            raise ValueError(f"recipe key {key} (a list of on/off modes) was renamed: use {RENAMED_LIST_KEYS[key]}")
+
+
+def parse_recipe(argv: list[str]) -> tuple[str, Recipe]:
+    """Parse argv into (stage, the typed recipe)."""
+    check_renamed_keys(argv)
     parser = build_parser()
     cfg = parser.parse_args(argv)
     stage = cfg.stage
-    init = parser.instantiate_classes(cfg)
-    return stage, init[stage]
+    init = parser.instantiate_classes(cfg)[stage]
+    recipe = Recipe(**{f.name: init[f.name] for f in dataclasses.fields(Recipe)})
+    if stage == "export" and init.get("merge_lora"):
+        recipe.export = dataclasses.replace(recipe.export, merge_lora=True)
+    return stage, recipe
 
 
-def _section_dict(ns) -> dict:
-    if isinstance(ns, Namespace):
-        return {k: v for k, v in ns.as_dict().items() if k != "__path__"}
-    return asdict(ns)
+def run_stage(stage: str, recipe: Recipe):
+    from metattt.tiny import ensure_corpus
 
-
-def run_stage(stage: str, r: Namespace) -> None:
-    from metattt import pipeline
-    from metattt.tiny import build_target, ensure_corpus
-
-    if stage == "export":  # reads the run folder only: no target, no corpus
-        from metattt.export.serving import run_export
-
-        run_export(r.run.out_dir, replace(r.export, merge_lora=r.export.merge_lora or bool(r.get("merge_lora"))))
-        return
-    if stage == "build-target":
-        build_target(Path(r.target.path), r.corpus, r.tiny_target)
-        return
-    ensure_corpus(r.corpus, r.target.path)
-    if stage == "distill":
-        pipeline.run_distill(r.run, r.target, r.drafter, _section_dict(r.data), r.trainer, r.distill)
-    elif stage == "meta-train":
-        pipeline.run_meta_train(r.run, r.target, r.drafter, r.lora, _section_dict(r.data), r.trainer, r.distill,
-                                r.meta)
-    elif stage == "eval":
-        pipeline.run_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.eval)
-    elif stage == "prepare":
-        pipeline.run_prepare(r.run, r.target, r.drafter, _section_dict(r.data), r.prepare)
-    elif stage == "sweep":
-        pipeline.run_sweep_stage(r.run, r.target, r.drafter, r.lora, r.eval, r.sweep)
-    elif stage == "guided-eval":
-        pipeline.run_guided_eval(r.run, r.target, r.drafter, r.lora, r.trainer, r.guided)
-    else:  # pragma: no cover - guarded by the parser
-        raise ValueError(f"unknown stage {stage}")
+    if STAGES[stage].uses_corpus:
+        ensure_corpus(recipe.corpus, recipe.target.path)
+    return STAGES[stage].run(recipe)
 
 
 def main(argv: list[str] | None = None) -> None:

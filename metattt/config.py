@@ -1,12 +1,34 @@
-"""Typed recipe sections. A recipe YAML maps one-to-one onto these (plus `data:`, which maps
-onto `SequenceDataModule.__init__`). Every stage reads the same recipe, so one file drives
-distill → meta-train → eval → export. `python -m metattt distill --help` prints all keys.
+"""The typed recipe: every section of `recipes/<name>.yaml` is a dataclass here, one documented
+field per key, with one name everywhere (the same number is called the same in the recipe, the
+code and the files written: `meta.ttt` is `ttt_config.json`). Every stage reads the whole
+`Recipe`, so one file drives prepare → distill → meta-train → eval → export.
+`python -m metattt distill --print_config` prints every key.
+
+This module imports nothing else of metattt but atomic writes: every layer can read it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
+
+from metattt.atomic import atomic_write_json
+
+META_ALGORITHMS = ("maml", "fomaml", "reptile")
+CONTEXT_MODES = ("random", "prompt")
+EVAL_CONDITIONS = ("target", "static", "meta_static", "ttt_zero", "ttt_meta")
+ALPHA_RULES = ("fixed", "kl")
+
+
+def default_gamma(block_size: int) -> float:
+    """DFlash's decay constants: γ = 7 for S = 16, 5 for 10, 4 for 8; else ~S/2.3."""
+    return {16: 7.0, 10: 5.0, 8: 4.0}.get(block_size, max(1.0, round(block_size / 2.3, 1)))
 
 
 @dataclass
@@ -28,6 +50,18 @@ class RunConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """The embedded corpus (metattt.tiny.corpus): built from this machine's Python installation."""
+
+    dir: str = "checkpoints/tiny/corpus"
+    """Folder of the per-domain jsonl files (`<domain>.train.jsonl`, `<domain>.heldout.jsonl`, `new_to_both.jsonl`)."""
+    seed: int = 0
+    """Salts the held-out choice; the target shipped in data/ was trained on the corpus of seed 0."""
+    build: bool = False
+    """Build the corpus into `dir` when it is missing (the tiny recipe: every stage reads it)."""
+
+
+@dataclass
 class TargetConfig:
     """The frozen target model."""
 
@@ -42,8 +76,113 @@ class TargetConfig:
 
 
 @dataclass
-class DrafterArgs:
-    """The drafter. Unset dimensions follow the target (as published DFlash drafters do)."""
+class TinyTargetConfig:
+    """Architecture and training recipe of the embedded target.
+
+    Chosen from a short sweep at equal training tokens (`scripts/tiny_target_sweep.py`, results in
+    the README's "The embedded world" section); the step count, not a wall-clock budget, ends
+    training, so the model is the same on an idle and on a loaded machine.
+    """
+
+    # --- tokenizer ---
+    vocab_size: int = 4096
+    """Byte-level BPE vocabulary size, special tokens included."""
+
+    # --- architecture: a transformers Qwen3 causal LM ---
+    hidden_size: int = 128
+    """Residual width; also the drafter's width (it reads the target's hidden states)."""
+    num_layers: int = 6
+    """Decoder layers (the drafter taps a rounded linspace of layers 1..num_layers-3)."""
+    num_heads: int = 2
+    """Query heads."""
+    num_kv_heads: int = 1
+    """Key/value heads (grouped-query attention, like Qwen3)."""
+    head_dim: int = 64
+    """Per-head width."""
+    intermediate_size: int = 256
+    """SwiGLU MLP width."""
+    max_position_embeddings: int = 2048
+    """Rotary range configured for prompts + generation."""
+    rope_theta: float = 10000.0
+    """Rotary base."""
+    tie_word_embeddings: bool = True
+    """Share input embedding and lm_head (a large share of a small model's parameters)."""
+
+    # --- training ---
+    seq_len: int = 1280
+    """Tokens per training sequence: at least the evaluation's prompt + generation."""
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+    max_steps: int = 6000
+    """Optimizer steps; the run ends here (never on a clock)."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor, as a fraction of ``lr``."""
+    warmup_steps: int = 500
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    bf16: bool = True
+    """bfloat16 autocast for the forward (fp32 master weights and optimizer state)."""
+    compile: bool = True
+    """torch.compile the training step (about a minute of compilation, then faster steps)."""
+    seed: int = 0
+    """Seeds initialisation, batch order and the corpus split."""
+    threads: int = 2
+    """torch intra-op threads."""
+    checkpoint_every: int = 250
+    """Steps between resumable training states (a crash loses at most this many)."""
+    log_every: int = 50
+    """Steps between progress lines."""
+
+    # --- evaluation (the report) ---
+    eval_max_tokens: int = 131_072
+    """Held-out tokens scored per domain for the report."""
+    gen_prompts: int = 12
+    """Prompts per domain for the repetition measure (greedy and sampled distinct-n)."""
+    gen_prompt_len: int = 256
+    """Prompt tokens per prompt."""
+    gen_new_tokens: int = 128
+    """Continuation length for distinct-n."""
+
+    def qwen3_config(self, tokenizer: Any):  # -> transformers.Qwen3Config
+        """The transformers ``Qwen3Config`` of this target for ``tokenizer``."""
+        from transformers import Qwen3Config
+
+        return Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=self.tie_word_embeddings,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+
+    def fingerprint(self) -> str:
+        """What a resumable training state must match (the evaluation fields do not matter)."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if not k.startswith(("gen_", "eval_")) and k not in ("log_every", "threads", "checkpoint_every")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DrafterConfig:
+    """The drafter to build (its architecture config is metattt.models' BlockDrafterConfig /
+    ARDrafterConfig). Unset dimensions follow the target (as published DFlash drafters do)."""
 
     kind: str = "block"
     """block (DFlash-style: one forward drafts a block) or autoregressive (metattt.models.ar_drafter:
@@ -67,6 +206,48 @@ class DrafterArgs:
     """Token the blocks are filled with; must exist in the target's tokenizer (block kind only)."""
     attn_implementation: str = "sdpa"
     """sdpa or eager (meta-training with second-order gradients switches to eager itself)."""
+
+
+@dataclass
+class DataConfig:
+    """Token sequences for distillation and meta-training (metattt.data.datamodule.SequenceDataModule)."""
+
+    train_files: str | list[str] | None = None
+    """Training data: a .jsonl/.json/.parquet/.txt file, a glob, a folder (also an Arrow folder written by
+    `prepare`), a list of these, or a hub dataset name."""
+    val_files: str | list[str] | None = None
+    """Validation data in the same forms; when given, `val_fraction` is ignored."""
+    val_fraction: float = 0.02
+    """Share of the training records held out for validation when `val_files` is not given (0: none)."""
+    max_length: int = 512
+    """Tokens per sequence: packed chunks have exactly this length, unpacked records are truncated to it."""
+    min_length: int = 0
+    """Drop sequences shorter than this (only matters without packing)."""
+    pack: bool = True
+    """Concatenate documents (separated by eos) into max_length chunks; otherwise one record per sequence."""
+    batch_size: int = 8
+    """Sequences per batch (per device)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    chat_template_kwargs: dict | None = None
+    """Extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3."""
+    max_records: int | None = None
+    """Keep only the first this many records of each source (quick runs)."""
+    hub_split: str = "train"
+    """Split to read when the files name a hub dataset."""
+    cache_dir: str | None = None
+    """datasets cache folder (default: HF_DATASETS_CACHE); shared storage on a cluster lets ranks reuse it."""
+    num_proc: int | None = None
+    """Processes for reading and tokenizing (None: in-process)."""
+    feature_cache: str | None = None
+    """A hidden-state cache folder (written by `prepare` with prepare.cache_features): training reads the
+    target's features from it instead of running the target."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ValueError(f"data.max_length must be positive, got {self.max_length}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -127,7 +308,7 @@ class DistillConfig:
 
 
 @dataclass
-class LoraArgs:
+class LoraConfig:
     """LoRA adapters on the drafter (through peft): the fast weights of test-time training."""
 
     r: int = 16
@@ -142,23 +323,94 @@ class LoraArgs:
 
 
 @dataclass
+class TTTObjective:
+    """Weights of the inner-loop (test-time training) loss terms."""
+
+    block: float = 1.0
+    """Block prediction on the context, as at inference (the default objective)."""
+    clm: float = 0.0
+    """Next-token CE on every context position (blocks of 2: anchor + one draft)."""
+    feature: float = 0.0
+    """Reconstruct the target's last tapped hidden state from the drafter's, through a learned head."""
+    attn_entropy: float = 0.0
+    """Attention-entropy regularizer (eager attention only): + weight × mean entropy."""
+
+
+@dataclass
+class TTTConfig:
+    """What test-time training does on a prompt; meta-training exports it beside the LoRA init."""
+
+    steps: int = 3
+    """Inner SGD steps."""
+    lr: float = 1e-2
+    """Inner learning rate (scalar)."""
+    learned_lrs: dict[str, float] | None = None
+    """Per-tensor inner lrs (Meta-SGD); overrides `lr` where given."""
+    clip: float | None = 1.0
+    """Global-norm clip of inner gradients (None or <= 0: off)."""
+    num_anchors: int = 64
+    """Blocks sampled from the prompt per inner step."""
+    gamma: float | None = None
+    """Position decay exp(-(k-1)/γ) of the block loss; None: by block size (7 for 16, 5 for 10, 4 for 8)."""
+    objective: TTTObjective = field(default_factory=TTTObjective)
+
+    def lr_for(self, names: list[str]) -> float | dict[str, torch.Tensor]:
+        if not self.learned_lrs:
+            return self.lr
+        return {n: torch.tensor(self.learned_lrs.get(n, self.lr)) for n in names}
+
+    def gamma_for(self, block_size: int) -> float:
+        return self.gamma if self.gamma is not None else default_gamma(block_size)
+
+    def save(self, path: Path, **extra) -> None:
+        atomic_write_json(Path(path), {**asdict(self), **extra})
+
+    @classmethod
+    def load(cls, path: Path) -> TTTConfig:
+        d = json.loads(Path(path).read_text())
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["objective"] = TTTObjective(**known.get("objective", {}))
+        return cls(**known)
+
+
+@dataclass
+class TTTOverrides:
+    """Test-time training settings that replace the exported ones (`ttt_config.json`) for one run;
+    None keeps the exported value. Same names as `meta.ttt`."""
+
+    steps: int | None = None
+    """Inner SGD steps."""
+    lr: float | None = None
+    """Scalar inner lr (replaces learned Meta-SGD lrs)."""
+    num_anchors: int | None = None
+    """Blocks of the prompt per step. TTT's cost is mostly these blocks' rows of the vocabulary head."""
+
+    def apply(self, ttt: TTTConfig) -> TTTConfig:
+        out = TTTConfig(**{**ttt.__dict__})
+        if self.steps is not None:
+            out.steps = self.steps
+        if self.lr is not None:
+            out.lr, out.learned_lrs = self.lr, None
+        if self.num_anchors is not None:
+            out.num_anchors = self.num_anchors
+        return out
+
+
+@dataclass
 class MetaConfig:
-    """Stage 2: bi-level meta-training of the LoRA initialization."""
+    """Stage 2: bi-level meta-training of the LoRA initialization. `ttt` is what the inner loop does
+    (and what test-time training does with the exported init): meta-train writes it to
+    `meta_lora/ttt_config.json` with the learned lrs."""
 
     algorithm: str = "maml"
     """maml (exact second order, TTT-E2E), fomaml (first order) or reptile."""
-    inner_steps: int = 3
-    """Inner SGD steps k (reptile needs k > 1; k = 1 is joint training)."""
-    inner_lr: float = 1e-2
-    """Inner learning rate (the initial value of learned lrs with learn_inner_lr)."""
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    """The inner loop: steps (reptile needs > 1), lr (the initial value of learned lrs with learn_inner_lr),
+    clip, num_anchors (blocks sampled from the context), gamma, objective."""
     inner_lr_warmup_steps: int = 0
     """Outer steps over which the inner lr ramps linearly from 0 (TTT-E2E warms it up)."""
     learn_inner_lr: bool = False
     """Meta-SGD: one learned inner lr per LoRA tensor."""
-    inner_clip: float = 1.0
-    """Global-norm clip of inner gradients (<= 0: off)."""
-    inner_anchors: int = 64
-    """Blocks sampled from the context for the inner loss."""
     outer_anchors: int = 64
     """Blocks sampled from the continuation for the outer loss."""
     context: str = "random"
@@ -175,16 +427,6 @@ class MetaConfig:
     """Recompute each inner step in the backward (saves memory of second-order graphs)."""
     update_base: bool = False
     """Also train the drafter's base weights in the outer loop."""
-    objective_block: float = 1.0
-    """Inner objective weight: block prediction on the context."""
-    objective_clm: float = 0.0
-    """Inner objective weight: next-token CE on the context."""
-    objective_feature: float = 0.0
-    """Inner objective weight: reconstruct the target's hidden state through a learned head."""
-    objective_attn_entropy: float = 0.0
-    """Inner objective weight: attention-entropy regularizer (forces eager attention)."""
-    gamma: float | None = None
-    """Block position decay; None: by block size."""
     lr: float = 1e-3
     """Outer AdamW learning rate."""
     weight_decay: float = 0.0
@@ -205,6 +447,16 @@ class MetaConfig:
     """Write last.ckpt every N outer steps."""
     drafter_path: str | None = None
     """Drafter to meta-train (DFlash layout); None: {out}/drafter, distilled first if missing."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in META_ALGORITHMS:
+            raise ValueError(f"meta.algorithm={self.algorithm!r}: choose one of {META_ALGORITHMS}")
+        if self.algorithm == "reptile" and self.ttt.steps < 2:
+            raise ValueError("reptile needs meta.ttt.steps > 1 (with k = 1 it is joint training)")
+        if self.prequential and self.algorithm != "maml":
+            raise ValueError("meta.prequential needs meta.algorithm=maml")
+        if self.context not in CONTEXT_MODES:
+            raise ValueError(f"meta.context={self.context!r}: choose one of {CONTEXT_MODES}")
 
 
 @dataclass
@@ -279,3 +531,222 @@ class PrepareConfig:
     """Sequences per target forward while writing the cache."""
     cache_shard_mb: int = 4096
     """Approximate size of one feature-cache shard file (MB)."""
+
+
+@dataclass
+class EvalConfig:
+    """Stage 3: prefill TTT + speculative decoding + τ."""
+
+    splits: dict[str, str | list[str]] = field(default_factory=lambda: {
+        "in_domain": ["checkpoints/tiny/corpus/python.heldout.jsonl", "checkpoints/tiny/corpus/prose.heldout.jsonl"],
+        "drafter_shifted": "checkpoints/tiny/corpus/c.heldout.jsonl",
+        "new_to_both": "checkpoints/tiny/corpus/new_to_both.jsonl",
+    })
+    """Split name -> data file(s) (jsonl/parquet/txt; text or chat records)."""
+    num_prompts: int = 16
+    """Prompts per split."""
+    prompt_len: int = 128
+    """Prompt tokens (a window of each record, at a seeded offset)."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt."""
+    conditions: list[str] = field(default_factory=lambda: ["target", "static", "ttt_zero", "ttt_meta"])
+    """Any of: target, static, meta_static, ttt_zero, ttt_meta."""
+    temperature: float = 0.0
+    """0: greedy; > 0: sampling (lossless with either rule)."""
+    top_p: float = 1.0
+    """Nucleus filter applied identically to target and drafter."""
+    rule: str = "speculative"
+    """Sampling protocol: speculative (sampled drafts, accept with min(1, p/q)), exact (sampled drafts,
+    accept iff equal to the target's own sample) or dflash (DFlash's: argmax drafts + exact)."""
+    ttt: TTTOverrides = field(default_factory=TTTOverrides)
+    """TTT settings replacing the exported ones (meta_lora/ttt_config.json): steps, lr, num_anchors."""
+    grid_steps: list[int] | None = None
+    """Optional grid over TTT steps (adds conditions ttt_*@steps=k)."""
+    grid_lrs: list[float] | None = None
+    """Optional grid over inner lrs (adds conditions ttt_*@lr=x)."""
+    drafter_path: str | None = None
+    """Drafter folder; None: {out}/drafter (or meta_drafter when meta-training updated the base)."""
+    meta_lora_path: str | None = None
+    """Meta-learned adapter; None: {out}/meta_lora."""
+    output_dir: str | None = None
+    """Where the report goes; None: {out}/eval."""
+
+
+@dataclass
+class GuidedConfig:
+    """Draft-guided decoding on context-learning tasks: category × temperature × α × TTT (+ null control)."""
+
+    tasks: str | None = None
+    """Task file(s) or folder (metattt.clbench format, or public CL-bench JSONL rows); None: synthetic tasks."""
+    synthetic_categories: list[str] = field(default_factory=lambda: ["python", "glossary", "cipher", "rules"])
+    """Synthetic categories when `tasks` is None: python, glossary, cipher, rules."""
+    synthetic_tasks: int = 4
+    """Synthetic tasks per category."""
+    synthetic_questions: int = 3
+    """Questions per synthetic task (1..8)."""
+    max_tasks: int | None = None
+    """Use at most this many tasks (after loading), per category."""
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5])
+    """Guidance strengths α (0 = the target alone)."""
+    alpha_rule: str = "fixed"
+    """fixed: α_t = α; kl: α_t = α · min(1, KL(p_draft ‖ p_target) / kl_tau)."""
+    kl_tau: float = 1.0
+    """KL (nats) at which the kl rule reaches the full α."""
+    temperatures: list[float] = field(default_factory=lambda: [0.0])
+    """Decoding temperatures (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus filter (applied to the guided logits)."""
+    samples: int = 1
+    """Samples per question at temperature > 0 (greedy runs once)."""
+    ttt_modes: list[bool] = field(default_factory=lambda: [False, True])
+    """Drafter conditions: False = its init LoRA as is, True = TTT on the prompt."""
+    null_control: bool = True
+    """Add the noise control (matched scale, same α_t) for every α > 0 and TTT setting."""
+    refine_rounds: int = 0
+    """> 0: add `refine` conditions (TTT on, every α > 0): TTT on prompt + response, generate again, r times."""
+    ttt_init: str = "meta"
+    """LoRA the drafter starts from: meta (meta-learned, when exported) or zero (peft's B = 0)."""
+    ttt: TTTOverrides = field(default_factory=TTTOverrides)
+    """TTT settings replacing the exported ones: steps, lr, num_anchors."""
+    max_new_tokens: int = 24
+    """Tokens per answer (rubric-graded tasks such as CL-bench need far more than checkable ones)."""
+    answer_logprob: bool = True
+    """Also score the reference answer teacher-forced: mean log p_guided per answer token (finer than accuracy)."""
+    stop_at_line: bool = True
+    """Stop once the first non-empty line of the answer is complete (when its check reads only that line)."""
+    max_prompt_tokens: int = 768
+    """Longer prompts keep their last tokens (the question is at the end)."""
+    judge: str = "auto"
+    """rule (checkable answers), endpoint (rubrics, OpenAI-compatible), auto (rule where checkable, else endpoint)."""
+    judge_base_url: str | None = None
+    """OpenAI-compatible endpoint of the rubric judge, e.g. http://127.0.0.1:8000/v1."""
+    judge_model: str = "gpt-4o-mini"
+    """Model name sent to the endpoint judge."""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key (unset: no Authorization header)."""
+    judge_timeout_s: float = 60.0
+    """Per-request timeout of the endpoint judge."""
+    cpu_threads: int | None = None
+    """torch intra-op threads when running on the CPU (None: torch's default). Token-by-token decoding
+    of a small model is latency bound: 1 thread is as fast, and far faster when cores are shared."""
+    drafter_path: str | None = None
+    """Drafter folder; None: as eval (the meta adapter's base, or {out}/drafter)."""
+    meta_lora_path: str | None = None
+    """Meta-learned adapter; None: {out}/meta_lora."""
+
+    def __post_init__(self) -> None:
+        if self.alpha_rule not in ALPHA_RULES:
+            raise ValueError(f"guided.alpha_rule must be one of {ALPHA_RULES}")
+        if self.ttt_init not in ("meta", "zero"):
+            raise ValueError("guided.ttt_init must be meta or zero")
+        if any(t < 0 for t in self.temperatures):
+            raise ValueError("guided.temperatures must be >= 0")
+        if not self.alphas or not self.ttt_modes:
+            raise ValueError("guided.alphas and guided.ttt_modes need at least one value")
+
+
+@dataclass
+class SweepConfig:
+    """`python -m metattt sweep`: the TTT sweep (TTT steps, inner lr, LoRA rank, LoRA placement)."""
+
+    splits: list[str] = field(default_factory=lambda: ["drafter_shifted", "in_domain"])
+    """Eval splits (names of `eval.splits`) to sweep on."""
+    num_prompts: int = 16
+    """Prompts per split (the final numbers come from `make eval`, n >= 48)."""
+    prompt_len: int | None = None
+    """Prompt tokens; None: eval.prompt_len."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt and condition."""
+    steps: list[int] = field(default_factory=lambda: [1, 3, 10, 30])
+    """TTT steps."""
+    lrs: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])
+    """Scalar inner lrs (the meta init also runs with its learned lrs)."""
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """LoRA ranks (zero init)."""
+    placements: list[str] = field(default_factory=lambda: ["fc", "fc+kv", "fc+qkv", "fc+qkv+mlp"])
+    """LoRA placements, names of metattt.eval.sweep.PLACEMENTS."""
+    default_steps: int = 3
+    """TTT steps of the rank and placement rows."""
+    default_lr: float = 0.1
+    """Inner lr of the rank and placement rows."""
+
+
+@dataclass
+class ExportConfig:
+    """Serving exports (`metattt export`): DFlash-layout drafter folders that vLLM, SGLang and DFlash load."""
+
+    merge_lora: bool = False
+    """Merge the meta-learned LoRA into the drafter's weights (the `meta_static` condition as a plain
+    drafter; also `--merge-lora`); false: the static drafter. TTT is per prompt: no server runs it."""
+    drafter_path: str | None = None
+    """Drafter folder; None: the adapter's base drafter when merging (meta_drafter/ when meta-training
+    updated the base), else {out}/drafter."""
+    meta_lora_path: str | None = None
+    """Meta-learned adapter folder; None: {out}/meta_lora."""
+    path: str | None = None
+    """Output folder; None: {out}/serve/meta_static (merged) or {out}/serve/static."""
+    dtype: str | None = None
+    """Cast the exported weights (e.g. bfloat16, as released drafters are); None: the drafter's dtype."""
+
+
+@dataclass
+class BenchConfig:
+    """`python -m metattt bench` (`make bench`): cost ratios measured side by side, and τ of the recipe."""
+
+    full: bool = False
+    """The GPU preset: a Qwen3-4B-shaped random target in bf16 (needs CUDA)."""
+    skip_tau: bool = False
+    """Costs only: no eval stage."""
+    fresh_eval: bool = False
+    """Evaluate again even when an eval report newer than the meta-learned adapter exists."""
+    qwen3_4b_ttt: bool = False
+    """Only TTT ÷ prefill at Qwen3-4B's shape (bf16; GPU if any, else CPU: ~15 GB RAM, ~20 min on 2 cores)."""
+    out: str | None = None
+    """Results JSON; None: bench/results.json (bench/results_gpu.json with full)."""
+
+
+@dataclass
+class Recipe:
+    """One recipe, every stage: `recipes/<name>.yaml` maps onto these sections key for key."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    tiny_target: TinyTargetConfig = field(default_factory=TinyTargetConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    guided: GuidedConfig = field(default_factory=GuidedConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+#: Recipe keys that were renamed (old key -> what to write instead). A recipe or command line that
+#: still uses one is refused with this message, before anything runs.
+RENAMED_KEYS: dict[str, str] = {
+    "meta.inner_steps": "meta.ttt.steps",
+    "meta.inner_lr": "meta.ttt.lr",
+    "meta.inner_clip": "meta.ttt.clip",
+    "meta.inner_anchors": "meta.ttt.num_anchors",
+    "meta.gamma": "meta.ttt.gamma",
+    "meta.objective_block": "meta.ttt.objective.block",
+    "meta.objective_clm": "meta.ttt.objective.clm",
+    "meta.objective_feature": "meta.ttt.objective.feature",
+    "meta.objective_attn_entropy": "meta.ttt.objective.attn_entropy",
+    "eval.ttt_steps": "eval.ttt.steps",
+    "eval.ttt_lr": "eval.ttt.lr",
+    "eval.ttt_anchors": "eval.ttt.num_anchors",
+    "guided.ttt_steps": "guided.ttt.steps",
+    "guided.ttt_lr": "guided.ttt.lr",
+    "data.seed": "run.seed (it seeds the data split and order as well)",
+    "target.build_tiny": "nothing: the embedded target ships in data/tiny_target (rebuild it with `make target`); "
+                         "corpus.build builds the embedded corpus",
+}
+#: A key whose type changed: its old form (a list) now has another name.
+RENAMED_LIST_KEYS: dict[str, str] = {"guided.ttt": "guided.ttt_modes"}

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metattt.evaluate import prefill_ttt
-from metattt.models.lora import adapter_base_drafter, copy_lora, load_ttt_adapter, set_lora
+from metattt.export.meta_lora import adapter_base_drafter, load_ttt_adapter
+from metattt.models.lora import copy_lora, set_lora
+from metattt.models.registry import load_drafter
 from metattt.models.target import FrozenTarget
 from metattt.spec.decode import GenerationResult, speculative_generate
 from metattt.ttt.inner import ParamDict
-from metattt.ttt.tasks import TTTConfig
+from metattt.ttt.tasks import TTTConfig, prefill_ttt
 
 
 @dataclass
@@ -48,8 +49,6 @@ class TTTSpeculator:
     ) -> TTTSpeculator:
         """Load the target, the drafter (by default the base the adapter names) and the adapter
         folder `metattt meta-train` exported (`meta_lora/`: peft adapter + `ttt_config.json`)."""
-        from metattt.pipeline import load_drafter
-
         meta_lora_path = Path(meta_lora_path)
         if not (meta_lora_path / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no peft adapter at {meta_lora_path} (adapter_config.json): run meta-train")

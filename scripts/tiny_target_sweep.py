@@ -15,9 +15,10 @@ import json
 import logging
 from pathlib import Path
 
+from metattt.config import TinyTargetConfig
 from metattt.tiny.corpus import build_corpus, corpus_files
 from metattt.tiny.tokenizer import train_tokenizer
-from metattt.tiny.train import TinyTargetConfig, train_target
+from metattt.tiny.train import train_target
 
 POINTS = [
     dict(name="w128-L6-v4k", hidden_size=128, num_layers=6, num_heads=2, intermediate_size=256, vocab_size=4096),

@@ -74,7 +74,8 @@ def train_on_target(drafter, target, ids: torch.Tensor, steps: int, anchors_per_
                     lr: float = 3e-3) -> float:
     """A few AdamW steps of the distillation loss (either drafter kind) on sequences `ids` (B, T);
     the drafter is frozen afterwards. Returns the last loss."""
-    from metattt.losses import block_prediction_loss, sample_anchors, valid_anchor_mask
+    from metattt.anchors import sample_anchors, valid_anchor_mask
+    from metattt.losses import block_prediction_loss
 
     attn = torch.ones_like(ids)
     feats = target(ids).features
@@ -101,10 +102,10 @@ def tiny_target():
 
 @pytest.fixture
 def tiny_drafter(tiny_target):
-    from metattt.models.drafter import BlockDrafter, DrafterConfig
+    from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
 
     torch.manual_seed(1)
-    cfg = DrafterConfig.from_target(tiny_target.config, mask_token_id=MASK_ID, target_layer_ids=tiny_target.layer_ids,
+    cfg = BlockDrafterConfig.from_target(tiny_target.config, mask_token_id=MASK_ID, target_layer_ids=tiny_target.layer_ids,
                                     num_hidden_layers=2, block_size=4)
     return BlockDrafter(cfg).attach_target(tiny_target)
 

@@ -17,9 +17,10 @@ from conftest import (
     varied_target,
 )
 
+from metattt.export.meta_lora import export_meta_lora, load_meta_lora
 from metattt.losses import block_prediction_loss, draft_hidden
-from metattt.models.ar_drafter import DEFAULT_LORA_TARGETS, ARDrafter, ARDrafterConfig, ChainCache
-from metattt.models.lora import add_lora, export_meta_lora, load_meta_lora, lora_parameters
+from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig, ChainCache
+from metattt.models.lora import add_lora, lora_parameters
 from metattt.models.target import FrozenTarget
 from metattt.spec.decode import speculative_generate, target_generate
 from metattt.ttt.meta import meta_batch
@@ -103,6 +104,11 @@ class SpyDrafter:
 
     def logits(self, hidden):
         return self.drafter.logits(hidden)
+
+    fc = property(lambda self: self.drafter.fc)
+
+    def draft(self, last_token, position, cache, choose):  # ARDrafter's drafting, every forward through the spy
+        return ARDrafter.draft(self, last_token, position, cache, choose)
 
     def __call__(self, block_ids, anchors, cache, chain_cache):
         assert cache.length == int(anchors[0, 0]), "the drafter would read features past the last committed token"
@@ -232,7 +238,7 @@ def cyclic_batch(g: torch.Generator, B: int = 1, T: int = 20, V: int = 24) -> di
 def test_maml_meta_gradient_matches_finite_differences_float64():
     tgt = varied_target(vocab_size=24, dtype=torch.float64)
     drafter = _drafter(tgt, attn="eager", seed=0, dtype=torch.float64)
-    model = add_lora(drafter, r=2, alpha=4, target_modules=DEFAULT_LORA_TARGETS).to(torch.float64)
+    model = add_lora(drafter, r=2, alpha=4, target_modules=list(ARDrafter.default_lora_targets)).to(torch.float64)
     phi = lora_parameters(model)
     with torch.no_grad():  # B ≠ 0 so every LoRA tensor has a non-trivial meta-gradient
         for n, p in phi.items():
@@ -254,8 +260,8 @@ def test_maml_meta_gradient_matches_finite_differences_float64():
 
 
 def test_lora_defaults_zero_init_and_peft_export(tmp_path, target):
-    from metattt.config import LoraArgs
-    from metattt.pipeline import load_drafter, lora_target_modules
+    from metattt.config import LoraConfig
+    from metattt.loading import load_drafter, lora_targets
 
     drafter = _drafter(target)
     ids = torch.randint(2, 96, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -264,7 +270,7 @@ def test_lora_defaults_zero_init_and_peft_export(tmp_path, target):
     drafter_dir = drafter.save_pretrained(tmp_path / "drafter")
     assert json.loads((drafter_dir / "config.json").read_text())["architectures"] == ["ARCrossAttnDraftModel"]
 
-    targets = lora_target_modules(LoraArgs(), drafter)
+    targets = lora_targets(LoraConfig(), drafter)
     assert targets == ["cross_q_proj", "gate_proj", "up_proj", "down_proj"]
     model = add_lora(drafter, r=4, alpha=8, target_modules=targets)
     names = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora_parameters(model)}
@@ -288,14 +294,15 @@ def _cli_args(workspace, tmp_path) -> list[str]:
     return recipe_args(
         workspace, f"--run.output_root={tmp_path}", "--drafter.kind=autoregressive", "--lora.target_modules=null",
         "--distill.max_steps=2", "--distill.val_check_interval=2",
-        "--meta.max_steps=1", "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4",
-        "--meta.outer_anchors=4", "--meta.inner_steps=2", "--meta.val_check_interval=1",
+        "--meta.max_steps=1", "--meta.context_min=12", "--meta.context_max=24", "--meta.ttt.num_anchors=4",
+        "--meta.outer_anchors=4", "--meta.ttt.steps=2", "--meta.val_check_interval=1",
         f"--eval.splits={{in_domain: {workspace / 'corpus' / 'validation.jsonl'}}}",
         "--eval.num_prompts=2", "--eval.prompt_len=20", "--eval.max_new_tokens=10",
         "--eval.conditions=[target, static, ttt_zero, ttt_meta]",
     )
 
 
+@pytest.mark.e2e
 def test_distill_cli_with_autoregressive_kind_exports_and_reloads(workspace, tmp_path):
     from metattt.cli import main
 
@@ -318,13 +325,14 @@ def test_distill_cli_with_autoregressive_kind_exports_and_reloads(workspace, tmp
                                rtol=0, atol=0)
 
 
+@pytest.mark.e2e
 def test_meta_train_and_eval_cli_run_unchanged_on_an_autoregressive_drafter(workspace, tmp_path):
     from metattt.cli import main
 
     args = _cli_args(workspace, tmp_path)
     main(["meta-train", *args])  # distills the autoregressive drafter first
     adapter = json.loads((tmp_path / "t" / "meta_lora" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == set(DEFAULT_LORA_TARGETS)  # lora.target_modules: null -> kind default
+    assert set(adapter["target_modules"]) == set(ARDrafter.default_lora_targets)  # lora.target_modules: null -> kind default
     main(["eval", *args])
     report = json.loads((tmp_path / "t" / "eval" / "report.json").read_text())
     assert report["meta"]["drafter_kind"] == "autoregressive"

@@ -26,6 +26,7 @@ def _outputs(drafter: BlockDrafter, target: FrozenTarget) -> torch.Tensor:
     return drafter(blocks, anchors, context_features=target(ids).features)
 
 
+@pytest.mark.e2e
 def test_two_step_distill_checkpoints_resumes_and_exports(workspace):
     out = workspace / "out" / "t"
     main(["distill", *recipe_args(workspace, "--distill.max_steps=2", "--distill.checkpoint_every_n_steps=1",
@@ -56,6 +57,7 @@ def test_two_step_distill_checkpoints_resumes_and_exports(workspace):
     assert (out / "distill" / "tb").is_dir()
 
 
+@pytest.mark.e2e
 def test_progress_lines_without_a_terminal(workspace, tmp_path, caplog):
     """Under pytest stdout is not a terminal, as in a Slurm log: progress comes as log lines."""
     args = recipe_args(workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=3",
@@ -70,6 +72,7 @@ def test_progress_lines_without_a_terminal(workspace, tmp_path, caplog):
     assert any(re.match(r"distill validation: \d+ batches \| .*val/loss [\d.]+", m) for m in lines), lines
 
 
+@pytest.mark.e2e
 def test_distill_with_kl_to_the_target(workspace, tmp_path):
     args = recipe_args(workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=2", "--distill.kl_weight=0.5",
                        "--distill.val_check_interval=2")
@@ -98,6 +101,7 @@ def test_every_recipe_parses(recipe):
     assert r.drafter.block_size >= 2 and r.run.name
 
 
+@pytest.mark.e2e
 def test_missing_target_path_fails_before_writing(tmp_path, workspace):
     args = recipe_args(workspace, f"--target.path={tmp_path / 'missing'}", f"--run.output_root={tmp_path / 'o'}")
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -105,12 +109,14 @@ def test_missing_target_path_fails_before_writing(tmp_path, workspace):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_layer_id_out_of_range(tmp_path, workspace):
     with pytest.raises(ValueError, match="out of range"):
         main(["distill", *recipe_args(workspace, "--target.layer_ids=[1, 9]", f"--run.output_root={tmp_path}")])
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.e2e
 def test_empty_dataset(tmp_path, workspace):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -119,6 +125,7 @@ def test_empty_dataset(tmp_path, workspace):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_sequences_too_short_for_a_block(tmp_path, workspace):
     short = tmp_path / "short.jsonl"
     short.write_text("\n".join(json.dumps({"text": "x"}) for _ in range(4)) + "\n")
@@ -130,6 +137,7 @@ def test_sequences_too_short_for_a_block(tmp_path, workspace):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_tokenizer_without_mask_token(tmp_path, workspace):
     from transformers import AutoTokenizer
 

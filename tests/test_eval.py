@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import recipe_args
 
 from metattt.cli import main
-from metattt.evaluate import EvalConfig, condition_plan, evaluate_prompt
+from metattt.config import EvalConfig, TTTOverrides
+from metattt.eval.speculative import condition_plan, evaluate_prompt
 from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.ttt.tasks import TTTConfig
 
@@ -16,8 +18,8 @@ from metattt.ttt.tasks import TTTConfig
 def _eval_args(workspace, tmp_path, *extra):
     return recipe_args(
         workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=2", "--meta.max_steps=1",
-        "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4", "--meta.outer_anchors=4",
-        "--meta.inner_steps=2", "--meta.val_check_interval=1",
+        "--meta.context_min=12", "--meta.context_max=24", "--meta.ttt.num_anchors=4", "--meta.outer_anchors=4",
+        "--meta.ttt.steps=2", "--meta.val_check_interval=1",
         f"--eval.splits={{in_domain: {workspace / 'corpus' / 'validation.jsonl'}, "
         f"shifted: {workspace / 'corpus' / 'train.jsonl'}}}",
         "--eval.num_prompts=2", "--eval.prompt_len=20", "--eval.max_new_tokens=10",
@@ -26,6 +28,7 @@ def _eval_args(workspace, tmp_path, *extra):
     )
 
 
+@pytest.mark.e2e
 def test_eval_stage_writes_report_with_every_condition(workspace, tmp_path, caplog):
     args = _eval_args(workspace, tmp_path)
     main(["meta-train", *args])
@@ -115,6 +118,7 @@ def test_ttt_adapts_on_the_prefill_that_decoding_runs(tiny_target, tiny_drafter,
             assert len(r["ttt_losses"]) == 2 and 0 < r["ttt_time"] < r["wall_time"]
 
 
+@pytest.mark.e2e
 def test_two_processes_give_the_same_tau_as_one(workspace, tmp_path):
     """DDP (gloo, 2 CPU processes) shards the prompts; τ and every per-prompt record match 1 process."""
     from launch import run_metattt
@@ -138,7 +142,7 @@ def test_two_processes_give_the_same_tau_as_one(workspace, tmp_path):
 
 def test_eval_overrides_the_exported_ttt_settings():
     exported = TTTConfig(steps=3, lr=0.5, num_anchors=8, gamma=2.0, learned_lrs=[0.1, 0.2])
-    cfg = EvalConfig(conditions=["static", "ttt_meta"], ttt_steps=5, ttt_lr=0.05, ttt_anchors=3, grid_steps=[1])
+    cfg = EvalConfig(conditions=["static", "ttt_meta"], ttt=TTTOverrides(steps=5, lr=0.05, num_anchors=3), grid_steps=[1])
     plan = dict(condition_plan(cfg, exported))
     assert plan["static"] is None
     assert (plan["ttt_meta"].steps, plan["ttt_meta"].lr, plan["ttt_meta"].num_anchors) == (5, 0.05, 3)
@@ -155,7 +159,7 @@ def _record(split, prompt, condition, accepted, wall, tokens=(1, 2, 3)):
 
 
 def test_report_leads_with_paired_differences_and_flags_impossible_speedups(tmp_path):
-    from metattt.evaluate import write_report
+    from metattt.eval.speculative import write_report
 
     recs = []
     for p in range(6):
@@ -175,7 +179,7 @@ def test_report_leads_with_paired_differences_and_flags_impossible_speedups(tmp_
 
 
 def test_conditions_rotate_per_prompt_and_steps_curves_collect_grid_points():
-    from metattt.evaluate import rotated, steps_curves
+    from metattt.eval.speculative import rotated, steps_curves
 
     plan = [("target", None), ("static", None), ("ttt_meta", None)]
     assert [c for c, _ in rotated(plan, 0)] == ["target", "static", "ttt_meta"]

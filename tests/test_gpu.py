@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import MASK_ID, qwen3_config
 
-from metattt.config import MetaConfig, RunConfig, TrainerConfig
+from metattt.config import MetaConfig, RunConfig, TrainerConfig, TTTConfig
 from metattt.lit.distill import DistillModule
 from metattt.lit.meta import MetaTrainModule
-from metattt.models.drafter import BlockDrafter, DrafterConfig
+from metattt.lit.trainer import make_trainer
+from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
 from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.models.target import FrozenTarget
-from metattt.pipeline import make_trainer
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +24,7 @@ V, S, T = 96, 4, 40
 
 def _pair(attn: str = "sdpa"):
     target = FrozenTarget.from_config(qwen3_config(vocab_size=V), num_draft_layers=2, seed=0)
-    cfg = DrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
                                     num_hidden_layers=2, block_size=S, attn_implementation=attn)
     torch.manual_seed(1)
     return target, BlockDrafter(cfg).attach_target(target)
@@ -74,7 +74,7 @@ def test_bf16_mixed_distillation(tmp_path):
 def test_bf16_mixed_second_order_meta_training(tmp_path):
     target, drafter = _pair(attn="eager")
     model = add_lora(drafter, r=4, alpha=8)
-    cfg = MetaConfig(algorithm="maml", inner_steps=2, inner_lr=0.3, inner_anchors=8, outer_anchors=8,
+    cfg = MetaConfig(algorithm="maml", ttt=TTTConfig(steps=2, lr=0.3, num_anchors=8), outer_anchors=8,
                      context_min=17, context_max=20, warmup_ratio=0.0)
     module = MetaTrainModule(target, model, cfg, seed=0)
     before = copy_lora(model)
@@ -111,6 +111,7 @@ def test_fsdp_shards_only_the_target_and_matches_single_device(tmp_path):
     assert diff < 1e-4, diff
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_fsdp_two_gpus_match_one(workspace, tmp_path):
     from conftest import recipe_args

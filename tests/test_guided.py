@@ -10,17 +10,11 @@ import pytest
 import torch
 from conftest import MASK_ID, qwen3_config, recipe_args
 
-from metattt.guided import (
-    GuidedEvalConfig,
-    condition_list,
-    guide_logits,
-    guided_generate,
-    matched_noise,
-    refine_generate,
-    step_alpha,
-)
+from metattt.config import GuidedConfig
+from metattt.eval.guided import condition_list
 from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.spec.decode import target_generate
+from metattt.spec.guided import guide_logits, guided_generate, matched_noise, refine_generate, step_alpha
 from metattt.ttt.tasks import TTTConfig
 
 
@@ -28,14 +22,14 @@ from metattt.ttt.tasks import TTTConfig
 def lively():
     """A target and drafter initialised wide enough that greedy decoding does not collapse to one
     repeated token, so token-for-token comparisons mean something."""
-    from metattt.models.drafter import BlockDrafter, DrafterConfig
+    from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
     from metattt.models.target import FrozenTarget
 
     config = qwen3_config()
     config.initializer_range = 0.3
     target = FrozenTarget.from_config(config, num_draft_layers=2, seed=0)
     torch.manual_seed(1)
-    cfg = DrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
                                     num_hidden_layers=2, block_size=4)
     drafter = BlockDrafter(cfg).attach_target(target)
     drafter.reset_parameters(std=0.3)
@@ -237,28 +231,29 @@ def test_refine_generate_rounds(lively):
 
 
 def test_condition_list():
-    cfg = GuidedEvalConfig(alphas=[0.0, 0.2, 0.5], ttt=[False, True], null_control=True, refine_rounds=1)
+    cfg = GuidedConfig(alphas=[0.0, 0.2, 0.5], ttt_modes=[False, True], null_control=True, refine_rounds=1)
     conds = condition_list(cfg)
     assert conds[0] == ("guided", False, 0.0)
     assert ("noise", True, 0.5) in conds and ("refine", True, 0.2) in conds
     assert len(conds) == 1 + 2 * 2 * 2 + 2
-    assert len(condition_list(GuidedEvalConfig(null_control=False, ttt=[False]))) == 5
+    assert len(condition_list(GuidedConfig(null_control=False, ttt_modes=[False]))) == 5
 
 
+@pytest.mark.e2e
 def test_guided_eval_stage_end_to_end(workspace, tmp_path):
     from metattt.cli import main
 
     base = recipe_args(
         workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=2", "--meta.max_steps=1",
-        "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4", "--meta.outer_anchors=4",
-        "--meta.inner_steps=2", "--meta.val_check_interval=1",
+        "--meta.context_min=12", "--meta.context_max=24", "--meta.ttt.num_anchors=4", "--meta.outer_anchors=4",
+        "--meta.ttt.steps=2", "--meta.val_check_interval=1",
     )
     main(["meta-train", *base])
     t0 = time.perf_counter()
     main(["guided-eval", *base, "--guided.synthetic_categories=[python, rules]", "--guided.synthetic_tasks=1",
           "--guided.synthetic_questions=2", "--guided.alphas=[0, 0.5]", "--guided.temperatures=[0, 1.0]",
           "--guided.refine_rounds=1", "--guided.max_new_tokens=6", "--guided.max_prompt_tokens=96",
-          "--guided.ttt_steps=1"])
+          "--guided.ttt.steps=1"])
     assert time.perf_counter() - t0 < 60
     out = tmp_path / "t" / "guided"
     report = json.loads((out / "report.json").read_text())

@@ -15,11 +15,13 @@ import torch
 from conftest import MASK_ID, qwen3_config
 from safetensors.torch import load_file, save_file
 
-from metattt.export.dflash import export_dflash, export_merged, import_dflash, load_dflash_state_dict
+from metattt.export.serving import export_merged
 from metattt.models import ar_drafter as ar_module
 from metattt.models import drafter as drafter_module
 from metattt.models.ar_drafter import ARDrafter, ARDrafterConfig
-from metattt.models.drafter import BlockDrafter, DrafterConfig, rotary_cos_sin
+from metattt.models.base import rotary_cos_sin
+from metattt.models.dflash import export_dflash, load_dflash_state_dict
+from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
 from metattt.models.target import FrozenTarget
 
 # --- RoPE -------------------------------------------------------------------------------------
@@ -62,9 +64,9 @@ def _hf_cos_sin(target_config, positions: torch.Tensor, seq_len: int | None = No
 @pytest.mark.parametrize("name", list(ROPE_CASES))
 def test_rotary_tables_are_transformers_own(name):
     tcfg = _target_config(ROPE_CASES[name])
-    cfg = DrafterConfig.from_target(tcfg, mask_token_id=MASK_ID, target_layer_ids=[1, 2], num_hidden_layers=2)
+    cfg = BlockDrafterConfig.from_target(tcfg, mask_token_id=MASK_ID, target_layer_ids=[1, 2], num_hidden_layers=2)
     assert (cfg.rope_scaling is None) == (name == "default")
-    plain = DrafterConfig.from_target(qwen3_config(), mask_token_id=MASK_ID, target_layer_ids=[1, 2])
+    plain = BlockDrafterConfig.from_target(qwen3_config(), mask_token_id=MASK_ID, target_layer_ids=[1, 2])
     for positions in (torch.arange(40)[None], torch.arange(LONG)[None], torch.arange(200, 230).view(2, 15)):
         cos, sin = rotary_cos_sin(positions, cfg, torch.float32)
         ref_cos, ref_sin = _hf_cos_sin(tcfg, positions)
@@ -88,7 +90,7 @@ def test_drafter_outputs_under_transformers_rotary_embedding(name, kind, monkeyp
     and differ from plain RoPE's (so the scaling reaches the drafter, for both kinds)."""
     tcfg = _target_config(ROPE_CASES[name])
     target = FrozenTarget.from_config(tcfg, layer_ids=[1, 2], seed=0)
-    cls, config_cls = (BlockDrafter, DrafterConfig) if kind == "block" else (ARDrafter, ARDrafterConfig)
+    cls, config_cls = (BlockDrafter, BlockDrafterConfig) if kind == "block" else (ARDrafter, ARDrafterConfig)
     cfg = config_cls.from_target(tcfg, mask_token_id=MASK_ID, target_layer_ids=[1, 2], num_hidden_layers=2,
                                  block_size=4)
     drafter = cls(cfg).attach_target(target)
@@ -118,7 +120,7 @@ def test_decoding_cache_uses_the_same_rope_as_the_packed_forward():
     """The cached decode path (context K/V extended step by step) rotates as the packed forward."""
     tcfg = _target_config(ROPE_CASES["llama3"])
     target = FrozenTarget.from_config(tcfg, layer_ids=[1, 2], seed=0)
-    drafter = BlockDrafter(DrafterConfig.from_target(tcfg, mask_token_id=MASK_ID, target_layer_ids=[1, 2],
+    drafter = BlockDrafter(BlockDrafterConfig.from_target(tcfg, mask_token_id=MASK_ID, target_layer_ids=[1, 2],
                                                      num_hidden_layers=2, block_size=4)).attach_target(target)
     _random_weights(drafter)
     ids = torch.randint(3, 90, (1, 60))
@@ -151,7 +153,7 @@ def _config(**patch) -> dict:
     return cfg
 
 
-def _write(folder: Path, config: dict, weights_for: DrafterConfig | None = None, seed: int = 3) -> Path:
+def _write(folder: Path, config: dict, weights_for: BlockDrafterConfig | None = None, seed: int = 3) -> Path:
     """config.json (+ random weights shaped for `weights_for`)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -162,8 +164,8 @@ def _write(folder: Path, config: dict, weights_for: DrafterConfig | None = None,
     return folder
 
 
-def _native(tcfg=None, **overrides) -> DrafterConfig:
-    return DrafterConfig.from_target(tcfg or qwen3_config(), mask_token_id=MASK_ID, target_layer_ids=[1, 2],
+def _native(tcfg=None, **overrides) -> BlockDrafterConfig:
+    return BlockDrafterConfig.from_target(tcfg or qwen3_config(), mask_token_id=MASK_ID, target_layer_ids=[1, 2],
                                      num_hidden_layers=2, block_size=4, **overrides)
 
 
@@ -183,7 +185,7 @@ def test_missing_rope_theta_reads_as_qwen3configs_default(tmp_path):
     expected = float((getattr(default, "rope_parameters", None) or {}).get("rope_theta", getattr(default, "rope_theta", 0)))
     assert expected == 10000.0
     src = _write(tmp_path / "src", _config(rope_theta=None), _native(rope_theta=10000.0))
-    drafter = import_dflash(src)
+    drafter = BlockDrafter.from_pretrained(src)
     assert drafter.config.rope_theta == 10000.0
     target = FrozenTarget.from_config(qwen3_config(), layer_ids=[1, 2], seed=0)
     drafter.attach_target(target)
@@ -198,27 +200,27 @@ def test_missing_rope_theta_reads_as_qwen3configs_default(tmp_path):
 
 def test_missing_head_dim_reads_as_128_not_hidden_over_heads(tmp_path):
     src = _write(tmp_path / "src", _config(head_dim=None), _native(head_dim=128))
-    drafter = import_dflash(src)
+    drafter = BlockDrafter.from_pretrained(src)
     assert drafter.config.head_dim == 128 and drafter.layers[0].self_attn.q_proj.weight.shape == (4 * 128, 32)
     # weights shaped for hidden / heads = 8 do not fit what the config means
     bad = _write(tmp_path / "bad", _config(head_dim=None), _native(head_dim=8))
     with pytest.raises(ValueError, match="do not fit"):
-        import_dflash(bad)
+        BlockDrafter.from_pretrained(bad)
     assert json.loads((export_dflash(drafter, tmp_path / "out") / "config.json").read_text())["head_dim"] == 128
 
 
 def test_missing_kv_heads_read_as_qwen3config_does(tmp_path):
     missing = _write(tmp_path / "missing", _config(num_key_value_heads=None, num_attention_heads=32))
-    assert DrafterConfig.from_pretrained(missing).num_key_value_heads == 32
+    assert BlockDrafterConfig.from_pretrained(missing).num_key_value_heads == 32
     null = _write(tmp_path / "null", {**_config(), "num_key_value_heads": None})
-    assert DrafterConfig.from_pretrained(null).num_key_value_heads == 4  # null: as many as query heads
+    assert BlockDrafterConfig.from_pretrained(null).num_key_value_heads == 4  # null: as many as query heads
 
 
 def test_top_level_block_size_wins_and_disagreement_is_warned(tmp_path, caplog):
     both = _config(block_size=4, dflash_config={"mask_token_id": MASK_ID, "target_layer_ids": [1, 2], "block_size": 8})
     src = _write(tmp_path / "both", both, _native())
-    with caplog.at_level(logging.WARNING, logger="metattt.export.dflash"):
-        drafter = import_dflash(src)
+    with caplog.at_level(logging.WARNING, logger="metattt.models.dflash"):
+        drafter = BlockDrafter.from_pretrained(src)
     assert drafter.config.block_size == 4
     assert re.search(r"block_size 4 at the top level and 8 in dflash_config", caplog.text)
     out = json.loads((export_dflash(drafter, tmp_path / "out") / "config.json").read_text())
@@ -226,13 +228,13 @@ def test_top_level_block_size_wins_and_disagreement_is_warned(tmp_path, caplog):
 
     caplog.clear()
     agree = _write(tmp_path / "agree", {**both, "block_size": 8}, _native())
-    with caplog.at_level(logging.WARNING, logger="metattt.export.dflash"):
-        assert import_dflash(agree).config.block_size == 8
+    with caplog.at_level(logging.WARNING, logger="metattt.models.dflash"):
+        assert BlockDrafter.from_pretrained(agree).config.block_size == 8
     assert "block_size" not in caplog.text
 
     nested = _config(block_size=None, dflash_config={"mask_token_id": MASK_ID, "target_layer_ids": [1, 2],
                                                      "block_size": 8})
-    drafter = import_dflash(_write(tmp_path / "nested", nested, _native()))
+    drafter = BlockDrafter.from_pretrained(_write(tmp_path / "nested", nested, _native()))
     assert drafter.config.block_size == 8
     # DFlash's loader reads block_size at the top level only: the export writes it there too
     out = json.loads((export_dflash(drafter, tmp_path / "out2") / "config.json").read_text())
@@ -247,8 +249,8 @@ def test_imported_rope_settings_are_applied_and_kept(tmp_path, style, caplog):
     tcfg = _target_config(rope)
     config = _config(**patch)
     src = _write(tmp_path / "src", config, _native(tcfg, rope_theta=1e6))
-    with caplog.at_level(logging.WARNING, logger="metattt.export.dflash"):
-        drafter = import_dflash(src)
+    with caplog.at_level(logging.WARNING, logger="metattt.models.dflash"):
+        drafter = BlockDrafter.from_pretrained(src)
     assert not [r for r in caplog.records if r.name == "metattt.export.dflash"]
     assert drafter.config.rope_scaling == rope
     target = FrozenTarget.from_config(tcfg, layer_ids=[1, 2], seed=0)
@@ -279,7 +281,7 @@ def test_reexport_keeps_every_non_weight_file_byte_for_byte(tmp_path):
     for rel, data in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
-    drafter = import_dflash(src)
+    drafter = BlockDrafter.from_pretrained(src)
     files["dflash.py"] = code + b"# edited after import\n"  # what is on disk when exporting is what ships
     (src / "dflash.py").write_bytes(files["dflash.py"])
     out = export_dflash(drafter, tmp_path / "re", dtype="bfloat16")
@@ -289,7 +291,7 @@ def test_reexport_keeps_every_non_weight_file_byte_for_byte(tmp_path):
         [*files, "config.json", "model.safetensors"])
     assert json.loads((out / "config.json").read_text())["auto_map"] == {"AutoModel": "dflash.DFlashDraftModel"}
     # a re-export of the re-export carries them on
-    again = export_dflash(import_dflash(out), tmp_path / "again")
+    again = export_dflash(BlockDrafter.from_pretrained(out), tmp_path / "again")
     assert all((again / rel).read_bytes() == data for rel, data in files.items())
     # exporting into the source folder itself (twice) copies neither the export nor its temp folder
     for _ in range(2):
@@ -302,8 +304,8 @@ def test_reexport_keeps_every_non_weight_file_byte_for_byte(tmp_path):
 def test_auto_map_without_its_code_file_is_not_exported(tmp_path, caplog):
     src = _write(tmp_path / "release", _config(auto_map={"AutoModel": "dflash.DFlashDraftModel",
                                                          "AutoConfig": "z-lab/dflash--configuration.Cfg"}), _native())
-    with caplog.at_level(logging.WARNING, logger="metattt.export.dflash"):
-        out = export_dflash(import_dflash(src), tmp_path / "re")
+    with caplog.at_level(logging.WARNING, logger="metattt.models.dflash"):
+        out = export_dflash(BlockDrafter.from_pretrained(src), tmp_path / "re")
     assert json.loads((out / "config.json").read_text())["auto_map"] == {"AutoConfig": "z-lab/dflash--configuration.Cfg"}
     assert "dflash.py is not in the drafter's folder" in caplog.text
     # a drafter built here never names remote code
@@ -315,7 +317,7 @@ def test_separate_mask_embedding_is_refused(tmp_path):
     src = _write(tmp_path / "src", _config(), _native())
     torch.save(torch.zeros(32), src / "mask_embedding.pt")
     with pytest.raises(ValueError, match="mask_embedding.pt"):
-        import_dflash(src)
+        BlockDrafter.from_pretrained(src)
 
 
 # --- metattt export --merge-lora ------------------------------------------------------------------
@@ -323,7 +325,8 @@ def test_separate_mask_embedding_is_refused(tmp_path):
 
 def _meta_run(tmp_path: Path, base_dtype=None) -> tuple[Path, FrozenTarget]:
     """A run folder with drafter/ and meta_lora/ (a LoRA with B != 0, as meta-training leaves it)."""
-    from metattt.models.lora import add_lora, export_meta_lora
+    from metattt.export.meta_lora import export_meta_lora
+    from metattt.models.lora import add_lora
     from metattt.ttt.tasks import TTTConfig
 
     target = FrozenTarget.from_config(qwen3_config(), layer_ids=[1, 2], seed=0)
@@ -331,7 +334,7 @@ def _meta_run(tmp_path: Path, base_dtype=None) -> tuple[Path, FrozenTarget]:
     _random_weights(drafter)
     run = tmp_path / "run"
     drafter.save_pretrained(run / "drafter", dtype=base_dtype)
-    model = add_lora(import_dflash(run / "drafter", dtype="float32").attach_target(target), r=4, alpha=8)
+    model = add_lora(BlockDrafter.from_pretrained(run / "drafter", dtype="float32").attach_target(target), r=4, alpha=8)
     torch.manual_seed(5)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -340,6 +343,7 @@ def _meta_run(tmp_path: Path, base_dtype=None) -> tuple[Path, FrozenTarget]:
     return run, target
 
 
+@pytest.mark.e2e
 def test_merged_export_equals_the_drafter_with_its_lora(tmp_path):
     from peft import PeftModel
 
@@ -349,9 +353,9 @@ def test_merged_export_equals_the_drafter_with_its_lora(tmp_path):
     # export reads the run folder only; data.train_files is the one key every recipe must name
     recipe = [f"--run.output_root={tmp_path}", "--run.name=run", "--data.train_files=unused.jsonl"]
     main(["export", *recipe, "--merge-lora"])
-    merged = import_dflash(run / "serve" / "meta_static").attach_target(target)
+    merged = BlockDrafter.from_pretrained(run / "serve" / "meta_static").attach_target(target)
     assert not any("lora" in k for k in load_dflash_state_dict(run / "serve" / "meta_static"))
-    with_lora = PeftModel.from_pretrained(import_dflash(run / "drafter").attach_target(target), str(run / "meta_lora"))
+    with_lora = PeftModel.from_pretrained(BlockDrafter.from_pretrained(run / "drafter").attach_target(target), str(run / "meta_lora"))
     ref = _logits(with_lora, target)
     torch.testing.assert_close(_logits(merged, target), ref, rtol=0, atol=1e-5)
     with with_lora.disable_adapter():
@@ -370,7 +374,8 @@ def test_merged_export_keeps_the_drafters_dtype(tmp_path):
 
 
 def test_export_refuses_the_autoregressive_drafter(tmp_path):
-    from metattt.export.serving import ExportConfig, run_export
+    from metattt.config import ExportConfig
+    from metattt.export.serving import run_export
 
     cfg = ARDrafterConfig.from_target(qwen3_config(), mask_token_id=MASK_ID, target_layer_ids=[1, 2],
                                       num_hidden_layers=1, block_size=4)
@@ -487,7 +492,7 @@ def test_exports_have_what_vllms_dflash_loader_reads(tmp_path):
     merged = export_merged(run / "drafter", run / "meta_lora", tmp_path / "merged", dtype="bfloat16")
     llama3 = export_dflash(BlockDrafter(_native(_target_config(ROPE_CASES["llama3"]))), tmp_path / "llama3")
     released = _write(tmp_path / "released", _config(rope_theta=None, head_dim=None), _native(head_dim=128))
-    reexported = export_dflash(import_dflash(released), tmp_path / "reexported", max_shard_bytes=40_000)
+    reexported = export_dflash(BlockDrafter.from_pretrained(released), tmp_path / "reexported", max_shard_bytes=40_000)
     assert len(list(reexported.glob("model-*-of-*.safetensors"))) > 1
     for folder in (run / "drafter", merged, llama3, reexported):
         assert vllm_dflash_problems(folder, tcfg.vocab_size, tcfg.num_hidden_layers) == [], folder

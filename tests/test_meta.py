@@ -10,9 +10,10 @@ import torch
 from conftest import MASK_ID, check_meta_gradient_by_central_differences, qwen3_config, recipe_args
 
 from metattt.config import MetaConfig
+from metattt.export.meta_lora import export_meta_lora, load_meta_lora
 from metattt.lit.meta import MetaTrainModule
-from metattt.models.drafter import BlockDrafter, DrafterConfig
-from metattt.models.lora import add_lora, copy_lora, export_meta_lora, load_meta_lora, lora_parameters
+from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
+from metattt.models.lora import add_lora, copy_lora, lora_parameters
 from metattt.models.target import FrozenTarget
 from metattt.ttt.inner import Functional
 from metattt.ttt.meta import meta_batch
@@ -25,7 +26,7 @@ def _pair(dtype=torch.float32, attn="eager", seed=0):
     cfg = qwen3_config(vocab_size=V)
     cfg.initializer_range = 0.3
     target = FrozenTarget.from_config(cfg, num_draft_layers=2, seed=seed).to(dtype)
-    dcfg = DrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
+    dcfg = BlockDrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
                                      num_hidden_layers=2, block_size=S, attn_implementation=attn)
     torch.manual_seed(seed)
     drafter = BlockDrafter(dcfg).to(dtype).attach_target(target)
@@ -185,7 +186,7 @@ def test_meta_training_makes_adaptation_pay_off(algorithm):
     zero_init = copy_lora(model)
     zero_before, zero_after = _eval_post_adaptation(model, target, zero_init)
 
-    cfg = MetaConfig(algorithm=algorithm, inner_steps=3, inner_lr=0.5, inner_anchors=16, outer_anchors=16,
+    cfg = MetaConfig(algorithm=algorithm, ttt=TTTConfig(steps=3, lr=0.5, num_anchors=16), outer_anchors=16,
                      context_min=17, context_max=20, lr=5e-3 if algorithm != "reptile" else 3e-2, warmup_ratio=0.0)
     module = MetaTrainModule(target, model, cfg, seed=0)
     trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -214,7 +215,7 @@ def test_non_finite_inner_loss_skips_the_task_and_training_goes_on(monkeypatch):
         return loss * float("nan") if calls["n"] == 1 else loss
 
     monkeypatch.setattr(meta_mod, "context_loss", sometimes_nan)
-    cfg = MetaConfig(algorithm="maml", inner_steps=2, inner_lr=0.3, inner_anchors=8, outer_anchors=8,
+    cfg = MetaConfig(algorithm="maml", ttt=TTTConfig(steps=2, lr=0.3, num_anchors=8), outer_anchors=8,
                      context_min=17, context_max=24, warmup_ratio=0.0)
     module = MetaTrainModule(target, model, cfg)
     before = copy_lora(model)
@@ -258,15 +259,16 @@ def test_export_round_trips_through_peft(tmp_path):
     assert ttt2.steps == 5 and ttt2.learned_lrs == {"x": 0.2}
 
 
+@pytest.mark.e2e
 def test_meta_train_cli_distills_first_then_exports_and_resumes(workspace, tmp_path):
     from metattt.cli import main
 
     def args(max_steps: int) -> list[str]:
         return recipe_args(
             workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=1", f"--meta.max_steps={max_steps}",
-            "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4", "--meta.outer_anchors=4",
-            "--meta.inner_steps=2", "--meta.checkpoint_every_n_steps=1", "--meta.val_check_interval=2",
-            "--meta.learn_inner_lr=true", "--meta.objective_clm=0.5", "--meta.objective_feature=0.5",
+            "--meta.context_min=12", "--meta.context_max=24", "--meta.ttt.num_anchors=4", "--meta.outer_anchors=4",
+            "--meta.ttt.steps=2", "--meta.checkpoint_every_n_steps=1", "--meta.val_check_interval=2",
+            "--meta.learn_inner_lr=true", "--meta.ttt.objective.clm=0.5", "--meta.ttt.objective.feature=0.5",
         )
 
     main(["meta-train", *args(2)])

@@ -1,4 +1,4 @@
-"""Meta-gradients against closed forms on quadratics (DESIGN.md: meta-gradient correctness)."""
+"""Meta-gradients against closed forms on quadratics (meta-gradient correctness)."""
 
 from __future__ import annotations
 

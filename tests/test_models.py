@@ -8,15 +8,10 @@ import pytest
 import torch
 from conftest import MASK_ID, llama_config, qwen3_config
 
-from metattt.losses import (
-    block_prediction_loss,
-    block_targets,
-    default_gamma,
-    make_blocks,
-    sample_anchors,
-    valid_anchor_mask,
-)
-from metattt.models.drafter import BlockDrafter, DrafterConfig
+from metattt.anchors import block_targets, make_blocks, sample_anchors, valid_anchor_mask
+from metattt.config import default_gamma
+from metattt.losses import block_prediction_loss
+from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
 from metattt.models.target import FrozenTarget, default_target_layer_ids
 
 
@@ -149,7 +144,7 @@ def test_drafter_overfits_a_fixed_batch():
     cfg = qwen3_config()
     cfg.initializer_range = 0.3
     tiny_target = FrozenTarget.from_config(cfg, num_draft_layers=2, seed=0)
-    dcfg = DrafterConfig.from_target(tiny_target.config, mask_token_id=MASK_ID, target_layer_ids=tiny_target.layer_ids,
+    dcfg = BlockDrafterConfig.from_target(tiny_target.config, mask_token_id=MASK_ID, target_layer_ids=tiny_target.layer_ids,
                                      num_hidden_layers=2, block_size=4)
     torch.manual_seed(0)
     tiny_drafter = BlockDrafter(dcfg).attach_target(tiny_target)
@@ -226,7 +221,7 @@ def test_dflash_layout_round_trip(tmp_path, tiny_target, tiny_drafter):
 
 
 def test_drafter_without_target_head_says_what_to_do(tiny_target):
-    cfg = DrafterConfig.from_target(tiny_target.config, mask_token_id=MASK_ID, target_layer_ids=[1, 2],
+    cfg = BlockDrafterConfig.from_target(tiny_target.config, mask_token_id=MASK_ID, target_layer_ids=[1, 2],
                                     num_hidden_layers=1, block_size=4)
     with pytest.raises(RuntimeError, match="attach_target"):
         BlockDrafter(cfg)(torch.zeros(1, 1, 4, dtype=torch.long), torch.tensor([[3]]),

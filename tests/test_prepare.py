@@ -421,7 +421,7 @@ def _packed_dm(tok, tmp_path: Path, **kw) -> SequenceDataModule:
 
 def test_cached_features_equal_online_features_and_loss(tmp_path, tok, capsys):
     from metattt.lit.distill import DistillModule
-    from metattt.models.drafter import BlockDrafter, DrafterConfig
+    from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
     from metattt.models.target import FrozenTarget
 
     target = FrozenTarget.from_config(qwen3_config(vocab_size=len(tok)), layer_ids=[1, 2], seed=0)
@@ -443,7 +443,7 @@ def test_cached_features_equal_online_features_and_loss(tmp_path, tok, capsys):
     torch.testing.assert_close(b_cached["features"], want, rtol=1e-5, atol=1e-5)
 
     torch.manual_seed(1)
-    cfg = DrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2], num_hidden_layers=1,
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2], num_hidden_layers=1,
                                     block_size=4)
     module = DistillModule(target, BlockDrafter(cfg), num_anchors=8)
     loss_online = module._step(b_online, 0, "val").loss

@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 from test_prepare import CHAT, llama3_tokenizer, qwen3_tokenizer, tiny_target_folder
 
 from metattt.cli import main, parse_recipe
-from metattt.export.dflash import export_dflash, import_dflash, load_dflash_state_dict
-from metattt.models.drafter import BlockDrafter, DrafterConfig
+from metattt.loading import build_drafter, load_target, load_tokenizer
+from metattt.models.dflash import export_dflash, load_dflash_state_dict
+from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
 from metattt.models.target import FrozenTarget, default_target_layer_ids
-from metattt.pipeline import build_drafter, load_target, load_tokenizer
 
 REAL_RECIPES = {
     # recipe: (architecture, target layers, layer_ids the recipe names)
@@ -89,6 +89,7 @@ def test_recipe_instantiates_shrunk(recipe, targets, tmp_path):
     assert hidden.shape == (1, 2, 16, tcfg.hidden_size) and torch.isfinite(hidden).all()
 
 
+@pytest.mark.e2e
 def test_qwen3_recipe_prepare_cache_distill_end_to_end(targets, tmp_path, caplog):
     """`prepare` (chat → tokenized Arrow + feature cache) then `distill` reading the cache, all
     through the CLI with the qwen3_4b recipe shrunk."""
@@ -192,7 +193,7 @@ def target():
 
 
 def _random_state(target) -> dict[str, torch.Tensor]:
-    cfg = DrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2], num_hidden_layers=2,
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2], num_hidden_layers=2,
                                     block_size=4)
     torch.manual_seed(3)
     model = BlockDrafter(cfg)
@@ -219,7 +220,7 @@ def test_dflash_import_export_round_trip(tmp_path, target, layout):
                              block_in_dflash=not sharded)
     src = write_released(tmp_path / "released", config, state, shards=3 if sharded else 1)
 
-    drafter = import_dflash(src)
+    drafter = BlockDrafter.from_pretrained(src)
     assert next(drafter.parameters()).dtype == torch.bfloat16
     assert (drafter.config.block_size, drafter.config.rope_theta, drafter.config.head_dim) == (4, 1e6, 8)
     out = export_dflash(drafter, tmp_path / "exported", max_shard_bytes=20_000 if sharded else None)
@@ -240,7 +241,7 @@ def test_dflash_import_export_round_trip(tmp_path, target, layout):
     assert json.loads((tmp_path / "again" / "config.json").read_text()) == expected
 
     # the imported drafter computes what our native drafter computes with the same weights
-    native = BlockDrafter(DrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2],
+    native = BlockDrafter(BlockDrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2],
                                                     num_hidden_layers=2, block_size=4, rope_theta=1e6)).to(torch.bfloat16)
     native.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()})
     torch.testing.assert_close(_logits(drafter.attach_target(target), target), _logits(native.attach_target(target), target),
@@ -252,18 +253,18 @@ def test_import_tolerates_prefixes_and_borrowed_weights_and_starts_distillation(
     state = _random_state(target)
     src = write_released(tmp_path / "prefixed", released_config(32, 96, [1, 2], 1), state, prefix="model.",
                          extra={"model.embed_tokens.weight": torch.zeros(96, 32, dtype=torch.bfloat16)})
-    drafter = import_dflash(src, dtype="float32")
+    drafter = BlockDrafter.from_pretrained(src, dtype="float32")
     assert next(drafter.parameters()).dtype == torch.float32
     for k, v in state.items():
         assert torch.equal(drafter.state_dict()[k], v.to(torch.bfloat16).float()), k
     # drafter.init_from goes through the same import
-    from metattt.config import DrafterArgs
+    from metattt.config import DrafterConfig
 
-    via_pipeline = build_drafter(DrafterArgs(init_from=str(src)), target, tokenizer=None)  # ids come from config.json
+    via_pipeline = build_drafter(DrafterConfig(init_from=str(src)), target, tokenizer=None)  # ids come from config.json
     assert via_pipeline.config.target_layer_ids == [1, 2] and via_pipeline.config.mask_token_id == 1
 
     # ours → bf16, sharded, in the released layout → imports back to the same weights
-    ours = BlockDrafter(DrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2],
+    ours = BlockDrafter(BlockDrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=[1, 2],
                                                   num_hidden_layers=2, block_size=4))
     out = ours.save_pretrained(tmp_path / "ours", dtype="bfloat16", max_shard_bytes=10_000)
     cfg = json.loads((out / "config.json").read_text())
@@ -288,13 +289,13 @@ def test_import_refuses_what_it_cannot_compute(tmp_path, target):
     for name, (patch, match) in cases.items():
         src = write_released(tmp_path / name, {**released_config(32, 96, [1, 2], 1), **patch}, state)
         with pytest.raises(ValueError, match=match):
-            import_dflash(src)
+            BlockDrafter.from_pretrained(src)
     # RoPE scaling is applied now (tests/test_interop.py); a rope_type transformers lacks is refused
     unknown = write_released(tmp_path / "unknown_rope", {**released_config(32, 96, [1, 2], 1), "rope_scaling": {
         "rope_type": "not_a_rope", "factor": 8.0}}, state)
     with pytest.raises(ValueError, match="not_a_rope"):
-        import_dflash(unknown)
+        BlockDrafter.from_pretrained(unknown)
     index_missing = write_released(tmp_path / "broken", released_config(32, 96, [1, 2], 1), state, shards=2)
     next(index_missing.glob("model-00002-*")).unlink()
     with pytest.raises(FileNotFoundError, match="names shards"):
-        import_dflash(index_missing)
+        BlockDrafter.from_pretrained(index_missing)

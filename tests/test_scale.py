@@ -41,8 +41,8 @@ DDP_ATOL = 5e-6  # 1 process vs 2: only the order of float sums differs (measure
 # global batch is split; what is compared is then exactly the gradient synchronisation.
 DISTILL_EQ = ["--distill.num_anchors=64", "--distill.max_steps=3", "--distill.val_check_interval=100",
               "--distill.limit_val_batches=0", "--data.batch_size=8"]
-META_EQ = ["--meta.algorithm=maml", "--meta.inner_steps=2", "--meta.context_min=20", "--meta.context_max=20",
-           "--meta.inner_anchors=64", "--meta.outer_anchors=64", "--meta.max_steps=2", "--meta.limit_val_batches=0",
+META_EQ = ["--meta.algorithm=maml", "--meta.ttt.steps=2", "--meta.context_min=20", "--meta.context_max=20",
+           "--meta.ttt.num_anchors=64", "--meta.outer_anchors=64", "--meta.max_steps=2", "--meta.limit_val_batches=0",
            "--meta.inner_lr_warmup_steps=0", "--meta.warmup_ratio=0", "--lora.r=4", "--lora.alpha=8",
            "--data.batch_size=4"]
 
@@ -66,6 +66,7 @@ def distill_1proc(workspace, tmp_path_factory) -> Path:
     return out / "t"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("strategy", "launcher"), [("ddp", "lightning"), ("fsdp", "torchrun")])
 def test_distill_two_processes_match_one(workspace, tmp_path, distill_1proc, strategy, launcher):
     """ddp: Lightning's own launcher re-executes the command for rank 1. fsdp (the target's decoder
@@ -83,6 +84,7 @@ def test_distill_two_processes_match_one(workspace, tmp_path, distill_1proc, str
     assert max_abs_diff(ref, two) < DDP_ATOL
 
 
+@pytest.mark.e2e
 def test_maml_two_processes_match_one(workspace, tmp_path, distill_1proc):
     """Second-order meta-training: the inner autograd.grad(create_graph=True) inside training_step,
     the outer manual_backward synchronised by DDP, equals one process with the whole batch."""
@@ -105,12 +107,13 @@ SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "metattt-test", "SLURM_NT
 
 def _trainer(tmp_path: Path, **trainer_kw):
     from metattt.config import RunConfig, TrainerConfig
-    from metattt.pipeline import make_trainer
+    from metattt.lit.trainer import make_trainer
 
     return make_trainer(RunConfig(output_root=str(tmp_path)), TrainerConfig(accelerator="cpu", **trainer_kw), "x",
                         max_epochs=1, max_steps=1, grad_clip=None, checkpoint_every_n_steps=1)
 
 
+@pytest.mark.e2e
 def test_slurm_and_torchrun_environments_are_detected(monkeypatch, tmp_path):
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
     from lightning.fabric.utilities import rank_zero as fabric_rank_zero
@@ -157,6 +160,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
         time.sleep(0.1)
 
 
+@pytest.mark.e2e
 def test_sigusr1_checkpoints_requeues_and_the_restart_resumes(workspace, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -204,7 +208,7 @@ KILL_AT = 9
 KILLER = """
 import os, signal, sys
 import lightning as L
-import metattt.pipeline as P
+import metattt.stages as P
 
 class Kill(L.Callback):  # SIGKILL mid-step (after backward) once the checkpoint of step KILL_AT is on disk
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -244,6 +248,7 @@ def _copy(killed: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.e2e
 def test_sigkill_then_resume_is_bitwise_exact(workspace, tmp_path, killed, uninterrupted):
     out = _copy(killed, tmp_path / "run")
     proc = run_metattt("distill", _args(workspace, out, *RESUME))
@@ -253,6 +258,7 @@ def test_sigkill_then_resume_is_bitwise_exact(workspace, tmp_path, killed, unint
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), max_abs_diff(resumed, uninterrupted)
 
 
+@pytest.mark.e2e
 def test_corrupt_last_checkpoint_falls_back_to_previous(workspace, tmp_path, killed, uninterrupted):
     out = _copy(killed, tmp_path / "run")
     last = out / "t" / "distill" / "checkpoints" / "last.ckpt"
@@ -268,6 +274,7 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(workspace, tmp_path, kil
     assert checkpoint_is_loadable(last)[0]  # the resumed run wrote good ones again
 
 
+@pytest.mark.e2e
 def test_checkpoint_integrity_checks(tmp_path, caplog):
     io = AtomicCheckpointIO()
     d = tmp_path / "checkpoints"
@@ -329,6 +336,7 @@ def test_resumable_sampler_global_order_and_mid_epoch_resume():
     assert len([b for b in fresh]) == 6
 
 
+@pytest.mark.e2e
 def test_sbatch_template_runs_a_stage(workspace, tmp_path):
     """recipes/slurm/*.sbatch under a stand-in `srun` (runs its command once, Slurm variables set):
     the command line the template builds parses and runs, with devices/num_nodes from the allocation."""

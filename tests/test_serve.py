@@ -10,7 +10,8 @@ import torch
 from conftest import recipe_args
 
 from metattt.cli import main
-from metattt.evaluate import EvalConfig, condition_plan, evaluate_prompt
+from metattt.config import EvalConfig
+from metattt.eval.speculative import condition_plan, evaluate_prompt
 from metattt.serve import TTTSpeculator
 from metattt.spec.decode import target_generate
 
@@ -20,8 +21,8 @@ def exported(workspace, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("serve")
     main(["meta-train", *recipe_args(
         workspace, f"--run.output_root={out}", "--distill.max_steps=2", "--meta.max_steps=1",
-        "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4", "--meta.outer_anchors=4",
-        "--meta.inner_steps=2", "--meta.val_check_interval=1")])
+        "--meta.context_min=12", "--meta.context_max=24", "--meta.ttt.num_anchors=4", "--meta.outer_anchors=4",
+        "--meta.ttt.steps=2", "--meta.val_check_interval=1")])
     return out / "t"
 
 
@@ -30,6 +31,7 @@ def _prompts(n: int, length: int = 24) -> list[list[int]]:
     return [torch.randint(3, 200, (length,), generator=g).tolist() for _ in range(n)]
 
 
+@pytest.mark.e2e
 def test_generate_adapts_per_request_and_matches_eval(workspace, exported):
     spec = TTTSpeculator.from_pretrained(workspace / "target", exported / "meta_lora")
     assert spec.ttt.steps == 2
@@ -53,6 +55,7 @@ def test_generate_adapts_per_request_and_matches_eval(workspace, exported):
     assert (record["tokens"], record["accepted"]) == (first.tokens, first.accepted)
 
 
+@pytest.mark.e2e
 def test_readme_python_example_runs(workspace, exported):
     text = Path("README.md").read_text()
     block = re.search(r"### From Python\n.*?```python\n(.*?)```", text, re.S)
@@ -67,6 +70,7 @@ def test_readme_python_example_runs(workspace, exported):
     assert out.tokens and out.tau >= 1.0
 
 
+@pytest.mark.e2e
 def test_drafter_found_beside_the_adapter_from_another_working_directory(workspace, exported, tmp_path,
                                                                           monkeypatch):
     import json

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import MASK_ID, greedy_sequences, train_on_target, varied_target
 
 from metattt.losses import block_prediction_loss
-from metattt.models.drafter import BlockDrafter, DrafterConfig
+from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
 from metattt.models.target import FrozenTarget
 from metattt.spec import decode
 from metattt.spec.decode import (
@@ -24,7 +24,8 @@ from metattt.spec.decode import (
     target_generate,
     top_p_filter,
 )
-from metattt.spec.metrics import AcceptanceLength, PerPositionAcceptance, mean_and_stderr, summarize_tau
+from metattt.spec.metrics import AcceptanceLength, PerPositionAcceptance, summarize_tau
+from metattt.stats import mean_and_stderr
 
 S = 4  # block size of the greedy tests
 
@@ -44,7 +45,7 @@ def _one_thread():
 
 def _drafter(target: FrozenTarget, block_size: int = S, layers: int = 2, seed: int = 1) -> BlockDrafter:
     torch.manual_seed(seed)
-    cfg = DrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
                                     num_hidden_layers=layers, block_size=block_size)
     return BlockDrafter(cfg).attach_target(target)
 
@@ -78,6 +79,12 @@ class OracleDrafter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
+
+    def draft(self, last_token: int, position: int, cache: int, choose):
+        """The drafter interface (metattt.models.registry): one block forward, chosen by `choose`."""
+        block = torch.full((1, 1, self.config.block_size), MASK_ID, dtype=torch.long)
+        block[0, 0, 0] = last_token
+        return choose(self.logits(self(block, torch.tensor([[position]]), cache=cache)[0, 0, 1:]).float())
 
 
 @pytest.fixture(scope="module")

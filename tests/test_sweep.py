@@ -1,19 +1,22 @@
+
 """The TTT sweep command on a tiny config: it runs every point and writes its table and plot."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import recipe_args
 
 from metattt.cli import main
 
 
+@pytest.mark.e2e
 def test_sweep_command_writes_its_table(workspace, tmp_path):
     args = recipe_args(
         workspace, f"--run.output_root={tmp_path}", "--distill.max_steps=2", "--meta.max_steps=1",
-        "--meta.context_min=12", "--meta.context_max=24", "--meta.inner_anchors=4", "--meta.outer_anchors=4",
-        "--meta.inner_steps=2", "--meta.val_check_interval=1",
+        "--meta.context_min=12", "--meta.context_max=24", "--meta.ttt.num_anchors=4", "--meta.outer_anchors=4",
+        "--meta.ttt.steps=2", "--meta.val_check_interval=1",
         f"--eval.splits={{in_domain: {workspace / 'corpus' / 'validation.jsonl'}, "
         f"drafter_shifted: {workspace / 'corpus' / 'train.jsonl'}}}", "--eval.prompt_len=20",
         "--sweep.num_prompts=2", "--sweep.max_new_tokens=6", "--sweep.steps=[1, 2]", "--sweep.lrs=[0.1]",

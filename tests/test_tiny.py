@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from metattt.config import TinyTargetConfig
 from metattt.tiny import corpus as corpus_mod
 from metattt.tiny.corpus import CorpusError, build_corpus, corpus_files, read_texts
 from metattt.tiny.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
-from metattt.tiny.train import TinyTargetConfig, file_sha256, lr_at, train_target
+from metattt.tiny.train import file_sha256, lr_at, train_target
 
 VOCAB = 400
 SMALL = {"python": 2_000, "c": 1_000, "prose": 500, "data": 800}

@@ -140,7 +140,7 @@ def load_tasks(path: str | Path | list[str | Path]) -> list[CLTask]:
 
 def save_tasks(tasks: list[CLTask], path: str | Path) -> Path:
     """Write tasks as JSONL (atomically); `load_tasks` reads them back equal."""
-    from metattt.utils import atomic_write_text
+    from metattt.atomic import atomic_write_text
 
     path = Path(path)
     atomic_write_text(path, "".join(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in tasks))

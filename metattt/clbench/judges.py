@@ -31,12 +31,11 @@ import logging
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from metattt.clbench.format import CLTask, Question
+from metattt.endpoint import EndpointError, request_json
 
 log = logging.getLogger("metattt")
 
@@ -193,7 +192,7 @@ def parse_score(content: str) -> float | None:
 class EndpointJudge:
     """Rubric grading by a model behind an OpenAI-compatible `/chat/completions` endpoint.
 
-    Uses only urllib (no extra dependency). The API key is read from the environment variable
+    Requests go through metattt.endpoint. The API key is read from the environment variable
     named by `api_key_env` (nothing is sent when it is unset, for local servers). At most
     `max_retries` + 1 attempts per question, each bounded by `timeout_s`.
     """
@@ -210,13 +209,8 @@ class EndpointJudge:
         self.max_retries, self.max_context_chars, self.temperature = max_retries, max_context_chars, temperature
 
     def _post(self, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read().decode())
+        return request_json(self.url, payload, api_key=key, timeout_s=self.timeout_s)
 
     def __call__(self, task: CLTask, question: Question, response: str) -> Verdict:
         if not question.rubric and question.answer is None:
@@ -234,7 +228,7 @@ class EndpointJudge:
                 if score is not None:
                     return Verdict(score, self.name, {"reply": content[:2000]})
                 error = f"unparseable grader reply: {content[:200]!r}"
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            except (EndpointError, ValueError, KeyError, IndexError, TypeError) as e:
                 error = f"{type(e).__name__}: {e}"
             if attempt < self.max_retries:
                 time.sleep(min(0.25 * 2**attempt, 2.0))

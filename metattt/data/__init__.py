@@ -1,6 +1,6 @@
 """Datasets → token sequences with loss masks, and the Lightning DataModule that batches them."""
 
-from metattt.data.datamodule import MASK_TOKEN, PadCollator, SequenceDataModule, load_tokenizer, mask_token_id
+from metattt.data.datamodule import PadCollator, SequenceDataModule
 from metattt.data.text import (
     SUPPORTED_EXTENSIONS,
     load_records,
@@ -10,6 +10,7 @@ from metattt.data.text import (
     tokenize_dataset,
     train_val_split,
 )
+from metattt.data.tokenizer import MASK_TOKEN, load_tokenizer, mask_token_id
 
 __all__ = [
     "MASK_TOKEN",

@@ -26,6 +26,7 @@ from typing import Any
 import datasets
 import torch
 
+from metattt.atomic import atomic_save_dataset
 from metattt.data.text import load_records
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,6 @@ def prepare_continuations(files: str | list[str], out_dir: Path, tokenizer: Any,
     A rerun with the same settings reuses the folder; other settings stop with a message unless
     ``overwrite``. The folder is swapped in whole, so a crash leaves the previous one.
     """
-    from metattt.data.prepare import _save_atomic
-
     out_dir = Path(out_dir)
     files = [files] if isinstance(files, str) else list(files)
     settings = _settings(files, tokenizer, prompt_lens, windows_per_doc, max_new_tokens, greedy_fraction,
@@ -157,7 +156,7 @@ def prepare_continuations(files: str | list[str], out_dir: Path, tokenizer: Any,
                "generated_tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in rows),
                "ended_with_eos": sum(r["input_ids"][-1] == tokenizer.eos_token_id for r in rows)}
     manifest = {"settings": settings, "summary": summary}
-    _save_atomic(datasets.Dataset.from_list(rows, features=FEATURES), out_dir,
+    atomic_save_dataset(datasets.Dataset.from_list(rows, features=FEATURES), out_dir,
                  {MANIFEST: json.dumps(manifest, indent=2) + "\n"})
     log.info("target continuations -> %s: %s", out_dir, summary)
     return manifest

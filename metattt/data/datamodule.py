@@ -10,43 +10,14 @@ import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from metattt.data.text import load_records, tokenize_dataset, train_val_split
+from metattt.data.tokenizer import MASK_TOKEN, load_tokenizer, mask_token_id
 
 __all__ = ["MASK_TOKEN", "PadCollator", "SequenceDataModule", "load_tokenizer", "mask_token_id"]
 
 log = logging.getLogger(__name__)
-
-MASK_TOKEN = "<|mask|>"
-
-
-def load_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """A tokenizer object, or one loaded from a local folder (or hub id) with AutoTokenizer."""
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    return AutoTokenizer.from_pretrained(tokenizer)
-
-
-def mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Id of the drafter's block-filler token: ``<|mask|>`` if the vocabulary has it, else
-    ``tokenizer.mask_token_id``.
-
-    Raises:
-        ValueError: the tokenizer has neither, with the fix.
-    """
-    vocab = tokenizer.get_vocab()
-    if MASK_TOKEN in vocab:
-        return int(vocab[MASK_TOKEN])
-    if getattr(tokenizer, "mask_token_id", None) is not None:
-        return int(tokenizer.mask_token_id)
-    raise ValueError(
-        f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no mask token: the block drafter fills "
-        f"its blocks with one. Add it with `tok.add_special_tokens({{'mask_token': '{MASK_TOKEN}'}})` and "
-        "`tok.save_pretrained(path)`, and make sure its id is below the target's embedding size "
-        "(a released DFlash drafter names its id in config.json `dflash_config.mask_token_id`)"
-    )
-
 
 class PadCollator:
     """Right-pads a list of ``{"input_ids", "loss_mask"}`` rows into a dict of (B, T) tensors.

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from metattt.atomic import atomic_file, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def write_feature_cache(target, sequences: Sequence, out_dir: str | Path, *,
             raise ValueError(f"feature cache {out} was written with other settings {clash} (cached, now): "
                              "use another data.feature_cache folder or delete this one")
     if not manifest.is_file():
-        _write_json(manifest, {**info, "num_sequences": 0, "num_tokens": 0})
+        atomic_write_json(manifest, {**info, "num_sequences": 0, "num_tokens": 0})
     cache = FeatureCache(out)
 
     # first pass: keys and lengths only (the token ids are read again when their batch runs)
@@ -206,9 +207,8 @@ def write_feature_cache(target, sequences: Sequence, out_dir: str | Path, *,
         if not pending:
             return
         name = out / f"features-{next_shard:05d}.safetensors"
-        tmp = out / f".{name.name}.tmp-{os.getpid()}"
-        save_file(pending, str(tmp), metadata={"format": "pt", "layer_ids": json.dumps(info["layer_ids"])})
-        os.replace(tmp, name)
+        with atomic_file(name) as tmp:
+            save_file(pending, str(tmp), metadata={"format": "pt", "layer_ids": json.dumps(info["layer_ids"])})
         written_bytes += pending_bytes
         next_shard += 1
         pending, pending_bytes = {}, 0
@@ -234,7 +234,7 @@ def write_feature_cache(target, sequences: Sequence, out_dir: str | Path, *,
     flush()
     bar.close()
     total = FeatureCache(out)
-    _write_json(manifest, {**info, "num_sequences": len(total), "num_tokens": _count_tokens(total)})
+    atomic_write_json(manifest, {**info, "num_sequences": len(total), "num_tokens": _count_tokens(total)})
     return {"written_sequences": len(todo), "written_tokens": tokens, "cached_sequences": cached,
             "bytes": written_bytes, "expected_bytes": need}
 
@@ -254,7 +254,4 @@ def _count_tokens(cache: FeatureCache) -> int:
     return n
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+

@@ -40,8 +40,6 @@ import math
 import os
 import shutil
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,8 +50,10 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
+from metattt.atomic import atomic_save_dataset, atomic_write_json
 from metattt.config import PrepareConfig
-from metattt.data.text import load_records, tokenize_chat
+from metattt.data.text import ROLE_ALIASES, load_records, tokenize_chat
+from metattt.endpoint import EndpointError, request_json
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ MANIFEST = "manifest.json"
 SHARDS_DIR = ".shards"
 _DONE = "_shard_stats.json"
 
-#: Speaker names seen in chat datasets → chat-template roles.
-ROLE_ALIASES: dict[str, str] = {
-    "user": "user", "human": "user", "prompter": "user",
-    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-    "bard": "assistant", "model": "assistant", "bot": "assistant",
-    "system": "system",
-    "tool": "tool", "function": "tool", "ipython": "tool",
-}
 _RESPONSE_FIELDS = ("response", "completion", "output", "answer")
 
 FEATURES = datasets.Features({
@@ -276,25 +268,17 @@ class EndpointBackend:
         self.model = model or served[0]["id"]
 
     def _request(self, method: str, path: str, payload: dict | None = None, retries: int | None = None) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(payload).encode() if payload is not None else None
-        last: Exception | None = None
+        last: EndpointError | None = None
         for attempt in range((self.retries if retries is None else retries) + 1):
             if attempt:
                 time.sleep(min(30.0, self.backoff_s * 2 ** (attempt - 1)))
-            req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                body = e.read().decode("utf-8", "replace")[:300]
-                last = RuntimeError(f"HTTP {e.code} from {self.url + path}: {body}")
-                if e.code not in (408, 429) and e.code < 500:
+                return request_json(self.url + path, payload, method=method, api_key=self.api_key,
+                                    timeout_s=self.timeout_s)
+            except EndpointError as e:
+                last = e
+                if not e.retryable:
                     break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
-                last = RuntimeError(f"{type(e).__name__} from {self.url + path}: {e}")
         assert last is not None
         raise last
 
@@ -460,17 +444,6 @@ def _sources(files: str | list[str] | None) -> list[str]:
     return [files] if isinstance(files, str) else list(files)
 
 
-def _save_atomic(ds: datasets.Dataset, final: Path, extra_files: dict[str, str] | None = None) -> None:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def prepare_split(split: str, sources: list[str], out_dir: Path, tokenizer, template_kwargs: dict,
                   cfg: PrepareConfig, backend=None, progress: bool = True) -> dict:
     """Process every shard of one split (skipping finished ones), then write `{out_dir}/{split}/`."""
@@ -500,7 +473,7 @@ def prepare_split(split: str, sources: list[str], out_dir: Path, tokenizer, temp
                 raise RuntimeError(f"every generation of a shard failed, e.g. {stats.examples[0]['detail']}; "
                                    "check the server / prepare.endpoint_* settings (nothing was written)")
             ds = datasets.Dataset.from_list(rows, features=FEATURES) if rows else _empty_dataset()
-            _save_atomic(ds, d, {_DONE: json.dumps(asdict(stats))})
+            atomic_save_dataset(ds, d, {_DONE: json.dumps(asdict(stats))})
     total = ShardStats(bad={}, examples=[])
     bad: Counter = Counter()
     parts = []
@@ -517,7 +490,7 @@ def prepare_split(split: str, sources: list[str], out_dir: Path, tokenizer, temp
     if not parts:
         return summary
     merged = datasets.concatenate_datasets(parts)
-    _save_atomic(merged, out_dir / split)
+    atomic_save_dataset(merged, out_dir / split)
     return summary
 
 
@@ -593,9 +566,7 @@ def prepare_chat_data(cfg: PrepareConfig, tokenizer, out_dir: str | Path, base_t
     for split, sources in splits.items():
         summary[split] = prepare_split(split, sources, out_dir, tokenizer, template_kwargs, cfg, backend, progress)
     manifest = {"settings": settings, "summary": summary}
-    tmp = manifest_path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    atomic_write_json(manifest_path, manifest)
     shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)
     _log_summary(summary, out_dir)
     if not summary.get("train", {}).get("written") and "train" in splits:

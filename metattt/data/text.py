@@ -46,14 +46,14 @@ _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-# ShareGPT speaker names → chat-template roles.
-SHAREGPT_ROLES: dict[str, str] = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
+#: Speaker names seen in chat datasets (ShareGPT `from`, OpenAI `role`, ...; matched lower-case)
+#: → chat-template roles. Reading data and preparing it both use this one map.
+ROLE_ALIASES: dict[str, str] = {
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "bard": "assistant", "model": "assistant", "bot": "assistant",
     "system": "system",
-    "tool": "tool",
+    "tool": "tool", "function": "tool", "ipython": "tool",
 }
 _CHAT_COLUMNS = ("messages", "conversations")
 # Records written by `python -m metattt prepare` are already tokenized: used as they are.
@@ -236,11 +236,11 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
         m = {k: v for k, v in dict(m).items() if v is not None}
         if "role" not in m and "from" in m:
             speaker = m.pop("from")
-            if speaker not in SHAREGPT_ROLES:
+            if not isinstance(speaker, str) or speaker.lower() not in ROLE_ALIASES:
                 raise ValueError(
-                    f"message {i}: unknown ShareGPT speaker {speaker!r}; known are {sorted(SHAREGPT_ROLES)}"
+                    f"message {i}: unknown ShareGPT speaker {speaker!r}; known are {sorted(ROLE_ALIASES)}"
                 )
-            m["role"] = SHAREGPT_ROLES[speaker]
+            m["role"] = ROLE_ALIASES[speaker.lower()]
         if "content" not in m and "value" in m:
             m["content"] = m.pop("value")
         if "role" not in m or "content" not in m:

@@ -10,36 +10,36 @@ Test-time training adapts the LoRA per prompt, inside the decoding loop; no engi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from metattt.config import ExportConfig
+from metattt.export.meta_lora import adapter_base_drafter
+from metattt.models.drafter import BlockDrafter
+from metattt.models.registry import DRAFTERS, kind_of_checkpoint
 
 log = logging.getLogger("metattt")
 
 
-@dataclass
-class ExportConfig:
-    """Serving exports (`metattt export`): DFlash-layout drafter folders that vLLM, SGLang and DFlash load."""
+def export_merged(drafter_path: str | Path, meta_lora_path: str | Path, path: str | Path,
+                  dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+    """The drafter of `drafter_path` with the peft LoRA of `meta_lora_path` merged into its weights
+    (W + (alpha / r)·B·A), in DFlash layout: the `meta_static` condition as a plain drafter that a
+    server loads. Test-time training is not in it (the merged LoRA is the meta-learned init, before
+    any prompt). Merged in float32; written in the drafter's own dtype unless `dtype` is given."""
+    from peft import PeftModel
 
-    merge_lora: bool = False
-    """Merge the meta-learned LoRA into the drafter's weights (the `meta_static` condition as a plain
-    drafter; also `--merge-lora`); false: the static drafter. TTT is per prompt: no server runs it."""
-    drafter_path: str | None = None
-    """Drafter folder; None: the adapter's base drafter when merging (meta_drafter/ when meta-training
-    updated the base), else {out}/drafter."""
-    meta_lora_path: str | None = None
-    """Meta-learned adapter folder; None: {out}/meta_lora."""
-    path: str | None = None
-    """Output folder; None: {out}/serve/meta_static (merged) or {out}/serve/static."""
-    dtype: str | None = None
-    """Cast the exported weights (e.g. bfloat16, as released drafters are); None: the drafter's dtype."""
+    drafter = BlockDrafter.from_pretrained(drafter_path)
+    own_dtype = next(drafter.parameters()).dtype
+    model = PeftModel.from_pretrained(drafter.float(), str(meta_lora_path))
+    merged = model.merge_and_unload()
+    merged.config.source_path = drafter.config.source_path  # keep the base folder's other files
+    return merged.save_pretrained(path, dtype=dtype or own_dtype, max_shard_bytes=max_shard_bytes)
 
 
 def run_export(out_dir: Path, cfg: ExportConfig) -> Path:
     """Write the serving folder `cfg` describes under the run folder `out_dir`; returns it."""
-    from metattt.export.dflash import export_dflash, export_merged, import_dflash
-    from metattt.models.ar_drafter import is_ar_checkpoint
-    from metattt.models.lora import adapter_base_drafter
-
     out_dir = Path(out_dir)
     meta_path = Path(cfg.meta_lora_path) if cfg.meta_lora_path else out_dir / "meta_lora"
     if cfg.drafter_path:
@@ -50,7 +50,7 @@ def run_export(out_dir: Path, cfg: ExportConfig) -> Path:
         drafter_path = out_dir / "drafter"
     if not (drafter_path / "config.json").is_file():
         raise FileNotFoundError(f"no drafter at {drafter_path}: run distill (and meta-train) first")
-    if is_ar_checkpoint(drafter_path):
+    if kind_of_checkpoint(drafter_path) is not DRAFTERS["block"]:
         raise ValueError(f"{drafter_path} is an autoregressive drafter; serving engines load DFlash-layout block "
                          "drafters only (drafter.kind: block)")
     dest = Path(cfg.path) if cfg.path else out_dir / "serve" / ("meta_static" if cfg.merge_lora else "static")
@@ -60,6 +60,6 @@ def run_export(out_dir: Path, cfg: ExportConfig) -> Path:
         export_merged(drafter_path, meta_path, dest, dtype=cfg.dtype)
         log.info("drafter %s with the LoRA of %s merged in written to %s", drafter_path, meta_path, dest)
     else:
-        export_dflash(import_dflash(drafter_path), dest, dtype=cfg.dtype)
+        BlockDrafter.from_pretrained(drafter_path).save_pretrained(dest, dtype=cfg.dtype)
         log.info("drafter %s written to %s", drafter_path, dest)
     return dest

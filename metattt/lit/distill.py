@@ -1,14 +1,17 @@
-"""Stage 1: distill a block drafter from the frozen target. Thin: the math is in metattt.losses."""
+"""Stage 1: distill a drafter from the frozen target. Thin: the math is in metattt.losses."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from metattt.losses import block_prediction_loss, default_gamma, sample_anchors, valid_anchor_mask
+from metattt.anchors import sample_anchors, valid_anchor_mask
+from metattt.checkpointing import step_generator
+from metattt.config import default_gamma
+from metattt.losses import block_prediction_loss
 from metattt.metrics import BlockAccuracy
-from metattt.models.drafter import BlockDrafter
 from metattt.models.target import FrozenTarget
 
 
@@ -30,7 +33,7 @@ class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
     def __init__(
         self,
         target: FrozenTarget,
-        drafter: BlockDrafter,
+        drafter: nn.Module,
         lr: float = 6e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.04,
@@ -54,14 +57,6 @@ class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
         self.val_acc = BlockAccuracy(self.block_size)
         self.save_hyperparameters(ignore=["target", "drafter"])
 
-    def _anchor_generator(self, batch_idx: int, stage: str) -> torch.Generator:
-        # Anchors depend on (seed, step, rank) only, so a resumed run samples what an
-        # uninterrupted one would have, and validation sees the same blocks every time.
-        step = self.global_step if stage == "train" else batch_idx
-        g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + step * 7919 + self.global_rank * 31 + (stage == "val")) % 2**62)
-        return g
-
     def _step(self, batch: dict, batch_idx: int, stage: str):
         ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         final_hidden = None
@@ -73,7 +68,8 @@ class DistillModule(FrozenTargetCheckpointing, L.LightningModule):
             out = self.target(ids, attention_mask=attn, return_logits=False, return_final_hidden=self.kl_weight > 0)
             features, final_hidden = out.features, out.final_hidden  # (B, T, n·H), (B, T, H) or None
         valid = valid_anchor_mask(lmask, attn, self.block_size)
-        anchors, ok = sample_anchors(valid, self.num_anchors, self._anchor_generator(batch_idx, stage))
+        anchors, ok = sample_anchors(valid, self.num_anchors, step_generator(
+            self.seed, self.global_step if stage == "train" else batch_idx, self.global_rank, stage))
         return block_prediction_loss(
             self.drafter, features, ids, attn, lmask, anchors, ok,
             self.block_size, self.drafter.config.mask_token_id, self.gamma,

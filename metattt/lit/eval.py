@@ -1,5 +1,5 @@
 """Stage 3: evaluation as a Lightning test loop, so DDP shards the prompts. Thin: the work is
-in metattt.evaluate; τ and per-position acceptance are torchmetrics that sync across ranks."""
+in metattt.eval.speculative; τ and per-position acceptance are torchmetrics that sync across ranks."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from metattt.evaluate import EvalConfig, evaluate_prompt, write_report
+from metattt.config import EvalConfig, TTTConfig
+from metattt.eval.speculative import evaluate_prompt, write_report
 from metattt.spec.metrics import AcceptanceLength, PerPositionAcceptance
 from metattt.ttt.inner import ParamDict
-from metattt.ttt.tasks import TTTConfig
 
 
 def metric_key(split: str, condition: str) -> str:

@@ -10,22 +10,22 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from metattt.config import MetaConfig
+from metattt.checkpointing import step_generator
+from metattt.config import MetaConfig, TTTConfig
 from metattt.lit.distill import FrozenTargetCheckpointing
-from metattt.losses import default_gamma
 from metattt.metrics import BlockAccuracy
-from metattt.models.drafter import set_attn_implementation
+from metattt.models.base import set_attn_implementation
 from metattt.models.lora import lora_parameters
 from metattt.models.target import FrozenTarget
 from metattt.ttt.meta import MetaBatchResult, meta_batch
-from metattt.ttt.tasks import TTTConfig, TTTObjective, make_tasks
+from metattt.ttt.tasks import make_tasks
 
 log = logging.getLogger("metattt")
 
 
 class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
     def __init__(self, target: FrozenTarget, drafter: nn.Module, cfg: MetaConfig, seed: int = 0):
-        """`drafter`: the peft-wrapped block drafter; its LoRA tensors are the initialization φ."""
+        """`drafter`: the peft-wrapped drafter; its LoRA tensors are the initialization φ."""
         super().__init__()
         self.automatic_optimization = False  # one backward of the meta loss; reptile-style grads too
         self.target = target
@@ -33,26 +33,25 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
         self.cfg = cfg
         self.seed = seed
         self.block_size = drafter.config.block_size
-        self.gamma = cfg.gamma if cfg.gamma is not None else default_gamma(self.block_size)
-        self.objective = TTTObjective(block=cfg.objective_block, clm=cfg.objective_clm,
-                                      feature=cfg.objective_feature, attn_entropy=cfg.objective_attn_entropy)
+        self.gamma = cfg.ttt.gamma_for(self.block_size)
+        self.objective = cfg.ttt.objective
         self.fast_names = list(lora_parameters(drafter))
         if not self.fast_names:
             raise ValueError("the drafter carries no LoRA tensors: wrap it with metattt.models.lora.add_lora")
         for name, p in drafter.named_parameters():
             p.requires_grad_(name in self.fast_names or (cfg.update_base and "lora_" not in name))
-        if cfg.algorithm == "maml" or cfg.objective_attn_entropy:
+        if cfg.algorithm == "maml" or cfg.ttt.objective.attn_entropy:
             # Double backward does not pass through the fused SDPA kernels; plain matmul/softmax does.
             set_attn_implementation(drafter, "eager")
             log.info("meta-train: drafter attention switched to eager (%s)",
                      "second-order gradients" if cfg.algorithm == "maml" else "attention entropy")
-        if cfg.objective_attn_entropy:
+        if cfg.ttt.objective.attn_entropy:
             for m in drafter.modules():
                 if hasattr(m, "track_entropy"):
                     m.track_entropy = True
-        self.inner_lrs = nn.Parameter(torch.full((len(self.fast_names),), cfg.inner_lr)) if cfg.learn_inner_lr else None
+        self.inner_lrs = nn.Parameter(torch.full((len(self.fast_names),), cfg.ttt.lr)) if cfg.learn_inner_lr else None
         H = drafter.config.hidden_size
-        self.feature_head = nn.Linear(H, H, bias=False) if cfg.objective_feature else None
+        self.feature_head = nn.Linear(H, H, bias=False) if cfg.ttt.objective.feature else None
         self.before_acc = BlockAccuracy(self.block_size)
         self.after_acc = BlockAccuracy(self.block_size)
         self.val_before_acc = BlockAccuracy(self.block_size)
@@ -61,24 +60,26 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
 
     # --- pieces ---------------------------------------------------------------------------------
     def _generator(self, batch_idx: int, stage: str) -> torch.Generator:
-        step = self.global_step if stage == "train" else batch_idx
-        return torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + step * 7919 + self.global_rank * 31 + (stage == "val")) % 2**62)
+        return step_generator(self.seed, self.global_step if stage == "train" else batch_idx, self.global_rank, stage)
+
+    @property
+    def clip(self) -> float | None:
+        clip = self.cfg.ttt.clip
+        return clip if clip is not None and clip > 0 else None
 
     def inner_lr(self) -> float | dict[str, torch.Tensor]:
         warm = self.cfg.inner_lr_warmup_steps
         factor = min(1.0, (self.global_step + 1) / warm) if warm > 0 and self.training else 1.0
         if self.inner_lrs is None:
-            return self.cfg.inner_lr * factor
+            return self.cfg.ttt.lr * factor
         return {n: self.inner_lrs[i] * factor for i, n in enumerate(self.fast_names)}
 
     def ttt_config(self) -> TTTConfig:
         learned = None
         if self.inner_lrs is not None:
             learned = dict(zip(self.fast_names, self.inner_lrs.detach().cpu().tolist()))
-        return TTTConfig(steps=self.cfg.inner_steps, lr=self.cfg.inner_lr, learned_lrs=learned,
-                         clip=self.cfg.inner_clip if self.cfg.inner_clip > 0 else None,
-                         num_anchors=self.cfg.inner_anchors, gamma=self.gamma, objective=self.objective)
+        return TTTConfig(**{**self.cfg.ttt.__dict__, "learned_lrs": learned, "gamma": self.gamma,
+                            "clip": self.clip})
 
     def _meta(self, batch: dict, batch_idx: int, stage: str, algorithm: str) -> MetaBatchResult:
         if "features" in batch:  # offline hidden-state cache (data.feature_cache)
@@ -91,8 +92,8 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
                            self.cfg.context)
         phi = {n: p for n, p in self.drafter.named_parameters() if n in self.fast_names}
         return meta_batch(
-            self.drafter, phi, tasks, algorithm=algorithm, steps=self.cfg.inner_steps, lr=self.inner_lr(),
-            clip=self.cfg.inner_clip if self.cfg.inner_clip > 0 else None, inner_anchors=self.cfg.inner_anchors,
+            self.drafter, phi, tasks, algorithm=algorithm, steps=self.cfg.ttt.steps, lr=self.inner_lr(),
+            clip=self.clip, inner_anchors=self.cfg.ttt.num_anchors,
             outer_anchors=self.cfg.outer_anchors, objective=self.objective, gamma=self.gamma, generator=g,
             prequential=self.cfg.prequential, checkpoint=self.cfg.checkpoint_inner_steps,
             feature_head=self.feature_head,

@@ -1,7 +1,8 @@
 """Autoregressive cross-attention drafter: one token per forward, reading the target through
 cross-attention. The second drafter kind (`drafter.kind: autoregressive`), read top to bottom.
 
-Like the block drafter (metattt.models.drafter) it has no embedding and no lm_head of its own: it
+Like the block drafter (metattt.models.drafter; what both share: metattt.models.base) it has no
+embedding and no lm_head of its own: it
 borrows the frozen target's. Its width is the target's hidden size, and it reads the same target
 features: the outputs of decoder layers `target_layer_ids`, concatenated to (T, n·H), projected by
 `fc` + `hidden_norm` to (T, H). What differs is how it reads them and how it drafts:
@@ -35,7 +36,7 @@ the newest token); γ = block_size - 1 drafts come from γ forwards of one token
 then d_1 at c+1, ..., d_{γ-1} at c+γ-1, all reading f_0..f_{c-1}. The target verifies
 [x_c, d_1..d_γ] in one forward, as with the block drafter, so 1 ≤ τ ≤ block_size for both kinds.
 
-Training (metattt.losses.draft_hidden) is exactly that, teacher-forced: sample anchors a as the
+Training (`ARDrafter.teacher_forced_hidden`) is exactly that, teacher-forced: sample anchors a as the
 block drafter does; the chain's inputs are the true tokens [x_a, ..., x_{a+S-2}] (S = block_size),
 output k predicts x_{a+k+1}, and every chain position sees features < a. Many chains of one
 sequence share one forward; the attention masks keep them apart. With the true tokens as inputs
@@ -47,44 +48,39 @@ through cross-attention (its output there is zero, not a softmax over nothing).
 
 Checkpoints: `config.json` with `architectures: ["ARCrossAttnDraftModel"]` and the config fields,
 plus `model.safetensors` with unprefixed weights (`fc.*`, `hidden_norm.*`, `layers.*`, `norm.*`).
-`metattt.pipeline.load_drafter` picks the kind of a folder by its `architectures`.
+`metattt.models.registry.load_drafter` picks the kind of a folder by its `architectures`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from metattt.models.drafter import (
+from metattt.atomic import atomic_dir
+from metattt.models.base import (
     MLP,
+    BaseDrafterConfig,
     ContextCache,
-    DrafterConfig,
     RMSNorm,
     TargetFeatureReader,
     apply_rotary,
+    attend,
     rope_depends_on_length,
     rotary_cos_sin,
 )
+from metattt.models.dflash import to_dtype
+from metattt.models.drafter import Chooser
 
 ARCHITECTURE = "ARCrossAttnDraftModel"
 KIND = "autoregressive"
-#: LoRA targets when `lora.target_modules` is null: the cross-attention query and the MLP.
-DEFAULT_LORA_TARGETS = ["cross_q_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def drafter_kind(model) -> str:
-    """"block" or "autoregressive" for a drafter, its peft wrapper, or a functional_call wrapper."""
-    return getattr(getattr(model, "config", None), "kind", "block")
 
 
 @dataclass
-class ARDrafterConfig(DrafterConfig):
+class ARDrafterConfig(BaseDrafterConfig):
     """Dimensions of the autoregressive drafter (the block drafter's, read the same way).
 
     `block_size` keeps its meaning for verification: the anchor + block_size - 1 drafts per step.
@@ -130,27 +126,6 @@ def is_ar_checkpoint(path: str | Path) -> bool:
 # --- attention ------------------------------------------------------------------------------
 
 
-def _attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: torch.Tensor | None) -> torch.Tensor:
-    """q (B, h, Q, d), k/v (B, kv, K, d), mask (B|1, 1, Q, K) bool or None -> (B, h, Q, d).
-
-    "eager" (plain matmul/softmax: double backward works) or "sdpa", as the config says now, so
-    that `set_attn_implementation` switches it for meta-training.
-    """
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    if module.cfg.attn_implementation == "eager":
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, h, Q, K)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-        if module.track_entropy:
-            module.last_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        return probs.to(q.dtype) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 class SelfAttention(nn.Module):
     """Causal self-attention over the drafter's own chain tokens, with an optional KV cache."""
 
@@ -184,7 +159,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = _attend(self, q, k, v, mask)
+        out = attend(q, k, v, mask, self.cfg.attn_implementation, self)
         return self.o_proj(out.transpose(1, 2).reshape(B, Q, self.n_heads * self.head_dim)), (k, v)
 
 
@@ -232,7 +207,7 @@ class CrossAttention(nn.Module):
             # (finite for every kernel, also in the backward) and zero its output afterwards
             sees_any = mask.any(-1, keepdim=True)  # (B, 1, Q, 1)
             mask = mask | ~sees_any
-        out = _attend(self, q, ctx_kv[0], ctx_kv[1], mask)  # (B, h, Q, d)
+        out = attend(q, ctx_kv[0], ctx_kv[1], mask, self.cfg.attn_implementation, self)  # (B, h, Q, d)
         if sees_any is not None:
             out = out * sees_any.to(out.dtype)
         return self.cross_o_proj(out.transpose(1, 2).reshape(B, Q, self.n_heads * self.head_dim))
@@ -289,8 +264,9 @@ class ChainCache:
 
 class ARDrafter(TargetFeatureReader):
     context_attention = "cross_attn"  # target features enter through cross-attention
-
-    default_lora_targets = DEFAULT_LORA_TARGETS
+    config_class = ARDrafterConfig
+    #: LoRA targets when `lora.target_modules` is null: the cross-attention query and the MLP
+    default_lora_targets = ("cross_q_proj", "gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config: ARDrafterConfig):
         super().__init__(config, ARDrafterLayer)
@@ -347,13 +323,56 @@ class ARDrafter(TargetFeatureReader):
             chain_cache.kv, chain_cache.length = new_kv, offset + L
         return self.norm(x).reshape(B, N, L, -1)
 
+    # --- what the rest of metattt calls (metattt.models.registry): drafting, one next token,
+    # --- teacher-forced training states ------------------------------------------------------
+    def draft(self, last_token: int, position: int, cache: ContextCache, choose: Chooser):
+        """S-1 forwards of one token each, starting at the committed `last_token` (at `position`) and
+        feeding each chosen draft back through the chain's KV cache; every step reads the same
+        context cache (features before `position`), never features of drafted tokens. Row k of the
+        returned distribution is what d_{k+1} was drawn from given d_1..d_k."""
+        device = self.fc.weight.device
+        anchors = torch.tensor([[position]], device=device)  # (1, 1)
+        chain = ChainCache()
+        token = last_token
+        drafts, qs = [], []
+        for _ in range(self.config.block_size - 1):
+            hidden = self(torch.tensor([[[token]]], device=device), anchors, cache=cache, chain_cache=chain)
+            picked, q = choose(self.logits(hidden[0, 0, -1:]).float())  # (1, V) -> (1,), (1, V) | None
+            token = int(picked[0])
+            drafts.append(token)
+            if q is not None:
+                qs.append(q[0])
+        return torch.tensor(drafts, device=device), (torch.stack(qs) if qs else None)
+
+    def next_token_logits(self, last_token: int, position: int, cache: ContextCache) -> torch.Tensor:
+        """The drafter's distribution of the token after `last_token` (V,): one chain step."""
+        device = self.fc.weight.device
+        hidden = self(torch.tensor([[[last_token]]], device=device), torch.tensor([[position]], device=device),
+                      cache=cache, chain_cache=ChainCache())
+        return self.logits(hidden[0, 0, -1]).float()
+
+    @staticmethod
+    def teacher_forced_hidden(
+        forward,  # the drafter, its peft wrapper, or a functional_call wrapper (fast weights)
+        input_ids: torch.Tensor,  # (B, T)
+        anchors: torch.Tensor,  # (B, N)
+        context_features: torch.Tensor,  # (B, C, n·H)
+        context_valid: torch.Tensor | None,  # (B, C) bool
+        block_size: int,
+        mask_token_id: int,
+    ) -> torch.Tensor:
+        """The hidden state behind each draft (B, N, S-1, H), teacher-forced: the chain of true
+        tokens [x_a, ..., x_{a+S-2}] at positions a..a+S-2 (chain output j predicts x_{a+j+1}),
+        every chain position seeing features < a — what incremental drafting from x_a computes."""
+        T = input_ids.shape[1]
+        pos = (anchors[:, :, None] + torch.arange(block_size - 1, device=anchors.device)).clamp(max=T - 1)
+        chain = input_ids.gather(1, pos.flatten(1)).view_as(pos)  # (B, N, S-1)
+        return forward(chain, anchors, context_features=context_features, context_valid=context_valid)
+
     # --- checkpoint I/O ----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: str | torch.dtype | None = None) -> Path:
         """config.json + model.safetensors (unprefixed weights), written atomically, optionally cast."""
         from safetensors.torch import save_file
-
-        from metattt.export.dflash import to_dtype
-        from metattt.utils import atomic_dir
 
         cast = to_dtype(dtype)
         state = {}

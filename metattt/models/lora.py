@@ -1,27 +1,20 @@
-"""LoRA on the drafter through peft, and the peft adapter export that serving code loads."""
+"""LoRA on the drafter through peft: wrapping, and the LoRA tensors as a dict (the fast weights of
+test-time training). The exported meta-learned adapter is metattt.export.meta_lora."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from metattt.models.drafter import BlockDrafter
-from metattt.ttt.tasks import TTTConfig
-from metattt.utils import atomic_dir
-
-TTT_CONFIG_NAME = "ttt_config.json"
-EXTRA_WEIGHTS_NAME = "ttt_extra.safetensors"
+from metattt.models.registry import kind_of
 
 
-def add_lora(drafter: BlockDrafter, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+def add_lora(drafter: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0,
              target_modules: list[str] | None = None, seed: int = 0) -> PeftModel:
-    """Wrap the drafter with fresh LoRA adapters (peft's default init: A random, B = 0)."""
-    target_modules = list(target_modules or ["fc", "q_proj", "k_proj", "v_proj"])
+    """Wrap the drafter with fresh LoRA adapters (peft's default init: A random, B = 0);
+    `target_modules` None: the drafter kind's default."""
+    target_modules = list(target_modules or kind_of(drafter).default_lora_targets)
     names = {n.rsplit(".", 1)[-1] for n, _ in drafter.named_modules()}
     missing = [m for m in target_modules if m not in names]
     if missing:
@@ -47,57 +40,3 @@ def set_lora(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, p in lora_parameters(model).items():
             p.copy_(params[name])
-
-
-def export_meta_lora(model: PeftModel, out: Path, ttt: TTTConfig, base_model_path: str | Path,
-                     extra: dict[str, torch.Tensor] | None = None, **info) -> Path:
-    """A peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`) plus what
-    test-time training must reproduce (`ttt_config.json`, learned heads in `ttt_extra.safetensors`)."""
-    out = Path(out)
-    config = model.peft_config["default"]
-    config.base_model_name_or_path = str(base_model_path)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp))
-        ttt.save(tmp / TTT_CONFIG_NAME, **info)
-        if extra:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / EXTRA_WEIGHTS_NAME))
-    return out
-
-
-def load_meta_lora(drafter: BlockDrafter, path: Path, is_trainable: bool = True
-                   ) -> tuple[PeftModel, TTTConfig, dict[str, torch.Tensor]]:
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no peft adapter at {path} (expected adapter_config.json): run meta-train first")
-    model = PeftModel.from_pretrained(drafter, str(path), is_trainable=is_trainable)
-    ttt = TTTConfig.load(path / TTT_CONFIG_NAME) if (path / TTT_CONFIG_NAME).is_file() else TTTConfig()
-    extra = load_file(str(path / EXTRA_WEIGHTS_NAME)) if (path / EXTRA_WEIGHTS_NAME).is_file() else {}
-    return model, ttt, extra
-
-
-def adapter_base_drafter(meta_path: str | Path) -> Path | None:
-    """The drafter folder a meta-learned adapter was trained on, or None when it is not found:
-    the adapter's `base_model_name_or_path` (meta-train writes it relative to where it ran), else
-    the folder of that name beside the adapter (a run folder holds `drafter/` and `meta_lora/`)."""
-    config = Path(meta_path) / "adapter_config.json"
-    named = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
-    if not named:
-        return None
-    candidates = (Path(named), Path(meta_path).parent / Path(named).name)
-    return next((c for c in candidates if (c / "config.json").is_file()), None)
-
-
-def load_ttt_adapter(drafter: BlockDrafter, path: Path) -> tuple[PeftModel, TTTConfig, nn.Linear | None]:
-    """`load_meta_lora`, plus what TTT with it needs: the learned feature head (when meta-training
-    exported one) and eager attention when the TTT objective reads attention weights."""
-    from metattt.models.drafter import set_attn_implementation
-
-    model, ttt, extra = load_meta_lora(drafter, path)
-    feature_head = None
-    if "feature_head.weight" in extra:
-        weight = extra["feature_head.weight"]
-        feature_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
-        feature_head.weight.data.copy_(weight)
-    if ttt.objective.attn_entropy:
-        set_attn_implementation(model, "eager")
-    return model, ttt, feature_head

@@ -12,7 +12,8 @@ from metattt.spec.decode import (
     target_generate,
     top_p_filter,
 )
-from metattt.spec.metrics import AcceptanceLength, PerPositionAcceptance, mean_and_stderr, summarize_tau
+from metattt.spec.metrics import AcceptanceLength, PerPositionAcceptance, summarize_tau
+from metattt.stats import mean_and_stderr
 
 __all__ = [
     "ACCEPT_RULES",

@@ -42,8 +42,6 @@ from typing import Any
 
 import torch
 
-from metattt.models.ar_drafter import ChainCache
-
 # --- results ------------------------------------------------------------------------------
 
 
@@ -322,59 +320,29 @@ def target_generate(
 # --- speculative decoding -----------------------------------------------------------------
 
 
-def draft_block(
-    drafter, last_token: int, position: int, ctx_cache, temperature: float, top_p: float,
-    generator: torch.Generator | None, greedy_draft: bool, device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One drafter forward -> drafts (S-1,) and their distribution q (S-1, V) (None when greedy)."""
-    cfg = drafter.config
-    S = cfg.block_size
-    block = torch.full((1, 1, S), cfg.mask_token_id, dtype=torch.long, device=device)  # (1, 1, S)
-    block[0, 0, 0] = last_token
-    anchors = torch.tensor([[position]], device=device)  # (1, 1)
-    hidden = drafter(block, anchors, cache=ctx_cache)  # (1, 1, S, H)
-    logits = drafter.logits(hidden[0, 0, 1:]).float()  # (S-1, V): drafts for positions +1..+S-1
-    if temperature == 0.0:
-        return logits.argmax(-1), None
-    q = sampling_probs(logits, temperature, top_p)  # (S-1, V)
-    if greedy_draft:
-        # Drafting the argmax is a draw from the one-hot q; both rules stay exact with it.
-        drafts = q.argmax(-1)
-        return drafts, torch.nn.functional.one_hot(drafts, q.shape[-1]).to(q.dtype)
-    # Block positions are drafted in parallel, so each d_k is an independent draw from q_k.
-    return sample_tokens(q, generator), q
+def chooser(temperature: float, top_p: float, generator: torch.Generator | None, greedy_draft: bool):
+    """How drafts are picked from draft logits (n, V): argmax at temperature 0 (no distribution);
+    else sampled from the tempered, top-p filtered q (argmax with `greedy_draft`: a draw from the
+    one-hot q, with which both sampling rules stay exact). Returns (tokens (n,), q (n, V) | None)."""
 
-
-def draft_autoregressive(
-    drafter, last_token: int, position: int, ctx_cache, temperature: float, top_p: float,
-    generator: torch.Generator | None, greedy_draft: bool, device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S-1 drafter forwards of one token each (metattt.models.ar_drafter) -> drafts (S-1,), q (S-1, V).
-
-    The chain starts at the last committed token x_c (position c) and feeds each draft back in
-    through the drafter's self-attention KV cache; every step reads the same context cache,
-    features 0..c-1, never features of drafted tokens. Row k of q is the distribution d_{k+1} was
-    drawn from, given d_1..d_k: what both sampling rules need.
-    """
-    S = int(drafter.config.block_size)
-    anchors = torch.tensor([[position]], device=device)  # (1, 1)
-    chain = ChainCache()
-    token = last_token
-    drafts: list[int] = []
-    qs: list[torch.Tensor] = []
-    for _ in range(S - 1):
-        hidden = drafter(torch.tensor([[[token]]], device=device), anchors, cache=ctx_cache, chain_cache=chain)
-        logits = drafter.logits(hidden[0, 0, -1]).float()  # (V,): the draft of the next position
+    def choose(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if temperature == 0.0:
-            token = int(logits.argmax(-1))
-        else:
-            q = sampling_probs(logits, temperature, top_p)  # (V,)
-            token = int(q.argmax(-1)) if greedy_draft else int(sample_tokens(q, generator))
-            # drafting the argmax is a draw from the one-hot q; both rules stay exact with it
-            qs.append(torch.nn.functional.one_hot(torch.tensor(token, device=device), q.shape[-1]).to(q.dtype)
-                      if greedy_draft else q)
-        drafts.append(token)
-    return torch.tensor(drafts, device=device), (torch.stack(qs) if qs else None)
+            return logits.argmax(-1), None
+        q = sampling_probs(logits, temperature, top_p)  # (n, V)
+        if greedy_draft:
+            tokens = q.argmax(-1)
+            return tokens, torch.nn.functional.one_hot(tokens, q.shape[-1]).to(q.dtype)
+        return sample_tokens(q, generator), q  # each row an independent draw from its q
+
+    return choose
+
+
+def draft(drafter, last_token: int, position: int, ctx_cache, temperature: float, top_p: float,
+          generator: torch.Generator | None, greedy_draft: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S-1 drafts after the committed `last_token` (at `position`) and their distribution q
+    (S-1, V) (None when greedy), as the drafter's kind drafts them (metattt.models.registry): the
+    block kind in one forward, the autoregressive kind one token per forward."""
+    return drafter.draft(last_token, position, ctx_cache, chooser(temperature, top_p, generator, greedy_draft))
 
 
 @torch.no_grad()
@@ -394,11 +362,10 @@ def speculative_generate(
 ) -> GenerationResult:
     """Speculative decoding of one prompt (1, P) with either drafter kind, verified by the target.
 
-    `drafter` needs `config.block_size`, `config.mask_token_id`, `extend_cache(cache,
-    features)`, `__call__(block_ids, anchors, cache=...)` and `logits(hidden)` (BlockDrafter,
-    or a peft wrapper of it). With `config.kind == "autoregressive"` (ARDrafter) the S-1 drafts
-    come from S-1 one-token forwards (`draft_autoregressive`) instead of one block forward;
-    everything else (verification, acceptance, caches, τ) is the same loop. At temperature 0
+    `drafter` is either kind (or a peft wrapper of it): it needs `config.block_size`,
+    `extend_cache(cache, features)` and `draft(...)` (metattt.models.registry); the block kind
+    drafts in one forward, the autoregressive kind in S-1 one-token forwards, and everything else
+    (verification, acceptance, caches, τ) is the same loop. At temperature 0
     acceptance is greedy and `rule` is unused; at
     T > 0 drafts are sampled from the drafter's tempered/top-p distribution (argmax with
     `greedy_draft=True`, which suits the "exact" rule: it accepts d with probability p(d)).
@@ -443,13 +410,12 @@ def speculative_generate(
     prefill_done = clock()
     _, done = commit_tokens(tokens, [first], eos, max_new_tokens)
 
-    draft = draft_autoregressive if getattr(drafter.config, "kind", "block") == "autoregressive" else draft_block
     draft_time = verify_time = 0.0
     while not done:
         t0 = clock()
         last = tokens[-1]
         position = prompt.shape[1] + len(tokens) - 1  # of the last committed token = the anchor
-        drafts, q = draft(drafter, last, position, ctx, temperature, top_p, generator, greedy_draft, device)
+        drafts, q = draft(drafter, last, position, ctx, temperature, top_p, generator, greedy_draft)
         t1 = clock()
 
         verify_ids = torch.cat([drafts.new_tensor([last]), drafts])[None]  # (1, S)

@@ -1,6 +1,6 @@
 """Acceptance metrics of speculative decoding, as torchmetrics (sum-reduced, so they sync).
 
-Definitions (DESIGN.md): per verification step, τ_step = accepted drafts + 1 (the target's own
+Definitions (the README's "Evaluation"): per verification step, τ_step = accepted drafts + 1 (the target's own
 correction or bonus token); τ = mean over steps, 1 ≤ τ ≤ S for a block drafter. DFlash reports
 the mean of per-prompt means; a list of per-prompt means cannot be a sum-reduced state, so the
 metrics here pool steps across prompts and ranks, and `summarize_tau` gives the per-prompt
@@ -13,11 +13,12 @@ and accepted positions 1..a).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torchmetrics import Metric
+
+from metattt.stats import mean_and_stderr
 
 
 def _as_counts(accepted: torch.Tensor | Sequence[int] | int, device: torch.device) -> torch.Tensor:
@@ -96,19 +97,6 @@ class PerPositionAcceptance(_SumStateMetric):
         marginal = acc / self.steps.clamp_min(1).double()
         return {"conditional": conditional.float(), "marginal": marginal.float(),
                 "accepted": self.accepted.clone(), "reached": self.reached.clone()}
-
-
-def mean_and_stderr(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample std / √n); stderr is NaN below 2 values."""
-    xs = [float(v) for v in values]
-    n = len(xs)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(xs) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def summarize_tau(per_prompt_accepted: Iterable[Sequence[int]]) -> dict[str, float]:

@@ -10,30 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
+from metattt.config import CorpusConfig, TinyTargetConfig
 from metattt.tiny.corpus import REPORT_NAME as CORPUS_REPORT
 from metattt.tiny.corpus import build_corpus, corpus_files, count_tokens
 from metattt.tiny.tokenizer import train_tokenizer
-from metattt.tiny.train import REPORT_NAME, TinyTargetConfig, file_sha256, train_target
+from metattt.tiny.train import REPORT_NAME, file_sha256, train_target
 
 log = logging.getLogger("metattt.tiny")
 
 __all__ = ["CorpusConfig", "TinyTargetConfig", "build_target", "ensure_corpus", "verify_shipped_target",
            "REPORT_NAME"]
-
-
-@dataclass
-class CorpusConfig:
-    """The embedded corpus (metattt.tiny.corpus): built from this machine's Python installation."""
-
-    dir: str = "checkpoints/tiny/corpus"
-    """Folder of the per-domain jsonl files (`<domain>.train.jsonl`, `<domain>.heldout.jsonl`, `new_to_both.jsonl`)."""
-    seed: int = 0
-    """Salts the held-out choice; the target shipped in data/ was trained on the corpus of seed 0."""
-    build: bool = False
-    """Build the corpus into `dir` when it is missing (the tiny recipe: every stage reads it)."""
 
 
 def ensure_corpus(cfg: CorpusConfig, tokenizer_path: str | Path | None = None) -> Path | None:
@@ -47,7 +35,7 @@ def ensure_corpus(cfg: CorpusConfig, tokenizer_path: str | Path | None = None) -
     log.info("building the embedded corpus into %s (once; later stages reuse it)", corpus)
     build_corpus(corpus, seed=cfg.seed)
     if tokenizer_path is not None and (Path(tokenizer_path) / "tokenizer.json").is_file():
-        from metattt.tiny.tokenizer import load_tokenizer
+        from metattt.data.tokenizer import load_tokenizer
 
         count_tokens(corpus, load_tokenizer(tokenizer_path))
     return corpus
@@ -65,7 +53,7 @@ def build_target(out_dir: Path, corpus: CorpusConfig, config: TinyTargetConfig |
     work = out_dir.with_name(out_dir.name + ".work")
     tok_dir = work / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
-        from metattt.tiny.tokenizer import load_tokenizer
+        from metattt.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tok_dir)
     else:

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from metattt.utils import atomic_write_json, atomic_write_text
+from metattt.atomic import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("metattt.tiny")
 

@@ -96,12 +96,3 @@ def train_tokenizer(train_files: Iterable[Path], out_dir: Path, vocab_size: int 
     save_tokenizer(tokenizer, out_dir)
     log.info("tokenizer: %d tokens from %d documents -> %s", len(tokenizer), len(texts), out_dir)
     return tokenizer
-
-
-def load_tokenizer(tokenizer: Any):
-    """A tokenizer object as it is, or loaded from a folder."""
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(tokenizer)
-    return tokenizer

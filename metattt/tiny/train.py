@@ -4,7 +4,7 @@ number of steps, read top to bottom like nanoGPT's ``train.py``.
 The target plays the part of a downloaded Qwen3: it is trained once, shipped in ``data/``, and
 every stage loads it like any transformers checkpoint. ``make target`` rebuilds it.
 
-Why these defaults (:class:`TinyTargetConfig`): see its docstring for the sweep.
+Why these defaults (metattt.config.TinyTargetConfig): see its docstring for the sweep.
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,118 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metattt.atomic import atomic_dir, atomic_file, atomic_torch_save
+from metattt.config import TinyTargetConfig
+from metattt.data.tokenizer import load_tokenizer
 from metattt.stats import distinct_n
 from metattt.tiny.corpus import corpus_files, read_texts
-from metattt.tiny.tokenizer import load_tokenizer, save_tokenizer
+from metattt.tiny.tokenizer import save_tokenizer
 
 log = logging.getLogger("metattt.tiny")
 
 REPORT_NAME = "tiny_target_report.json"
 STATE_NAME = "train_state.pt"
-
-
-@dataclass
-class TinyTargetConfig:
-    """Architecture and training recipe of the embedded target.
-
-    Chosen from a short sweep at equal training tokens (`scripts/tiny_target_sweep.py`, results in
-    the README's "The embedded world" section); the step count, not a wall-clock budget, ends
-    training, so the model is the same on an idle and on a loaded machine.
-    """
-
-    # --- tokenizer ---
-    vocab_size: int = 4096
-    """Byte-level BPE vocabulary size, special tokens included."""
-
-    # --- architecture: a transformers Qwen3 causal LM ---
-    hidden_size: int = 128
-    """Residual width; also the drafter's width (it reads the target's hidden states)."""
-    num_layers: int = 6
-    """Decoder layers (the drafter taps a rounded linspace of layers 1..num_layers-3)."""
-    num_heads: int = 2
-    """Query heads."""
-    num_kv_heads: int = 1
-    """Key/value heads (grouped-query attention, like Qwen3)."""
-    head_dim: int = 64
-    """Per-head width."""
-    intermediate_size: int = 256
-    """SwiGLU MLP width."""
-    max_position_embeddings: int = 2048
-    """Rotary range configured for prompts + generation."""
-    rope_theta: float = 10000.0
-    """Rotary base."""
-    tie_word_embeddings: bool = True
-    """Share input embedding and lm_head (a large share of a small model's parameters)."""
-
-    # --- training ---
-    seq_len: int = 1280
-    """Tokens per training sequence: at least the evaluation's prompt + generation."""
-    batch_size: int = 8
-    """Sequences per optimizer step."""
-    max_steps: int = 6000
-    """Optimizer steps; the run ends here (never on a clock)."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay floor, as a fraction of ``lr``."""
-    warmup_steps: int = 500
-    """Linear warm-up steps."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay on matrices (not on norms)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-    bf16: bool = True
-    """bfloat16 autocast for the forward (fp32 master weights and optimizer state)."""
-    compile: bool = True
-    """torch.compile the training step (about a minute of compilation, then faster steps)."""
-    seed: int = 0
-    """Seeds initialisation, batch order and the corpus split."""
-    threads: int = 2
-    """torch intra-op threads."""
-    checkpoint_every: int = 250
-    """Steps between resumable training states (a crash loses at most this many)."""
-    log_every: int = 50
-    """Steps between progress lines."""
-
-    # --- evaluation (the report) ---
-    eval_max_tokens: int = 131_072
-    """Held-out tokens scored per domain for the report."""
-    gen_prompts: int = 12
-    """Prompts per domain for the repetition measure (greedy and sampled distinct-n)."""
-    gen_prompt_len: int = 256
-    """Prompt tokens per prompt."""
-    gen_new_tokens: int = 128
-    """Continuation length for distinct-n."""
-
-    def qwen3_config(self, tokenizer: Any):  # -> transformers.Qwen3Config
-        """The transformers ``Qwen3Config`` of this target for ``tokenizer``."""
-        from transformers import Qwen3Config
-
-        return Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            max_position_embeddings=self.max_position_embeddings,
-            rope_theta=self.rope_theta,
-            tie_word_embeddings=self.tie_word_embeddings,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None,
-        )
-
-    def fingerprint(self) -> str:
-        """What a resumable training state must match (the evaluation fields do not matter)."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if not k.startswith(("gen_", "eval_")) and k not in ("log_every", "threads", "checkpoint_every")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,10 +62,8 @@ def cached_token_ids(jsonl: Path, tokenizer: Any, cache_dir: Path) -> np.ndarray
     if cache.exists():
         return np.load(cache)
     ids = tokenize_documents(read_texts(jsonl), tokenizer)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, ids)
-    os.replace(tmp, cache)
+    with atomic_file(cache) as tmp, open(tmp, "wb") as f:
+        np.save(f, ids)
     return ids
 
 
@@ -269,12 +162,6 @@ def eos_at_document_end(model: Any, tokenizer: Any, texts: list[str], prompts: i
 # --------------------------------------------------------------------------------------------------
 # The training run
 # --------------------------------------------------------------------------------------------------
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def file_sha256(path: Path) -> str:
@@ -384,16 +271,14 @@ def train_target(corpus_dir: Path, tokenizer: Any, out_dir: Path, config: TinyTa
                      (cfg.max_steps - step) / max(rate, 1e-9) / 60)
         if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             work_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_save({"fingerprint": cfg.fingerprint(), "model": model.state_dict(),
+            atomic_torch_save({"fingerprint": cfg.fingerprint(), "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(), "step": step, "loss_curve": loss_curve,
                           "order": order, "cursor": cursor, "generator": gen.get_state()}, state_path)
     train_time = time.perf_counter() - t_train
 
     # --- publish: bf16 weights; the report is measured on exactly what is shipped
     model = model.to(torch.bfloat16)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent if out_dir.parent.exists()
-                                    else _mkdir(out_dir.parent)))
-    try:
+    with atomic_dir(out_dir) as tmp_dir:
         model.save_pretrained(tmp_dir)
         save_tokenizer(tokenizer, tmp_dir)
         shipped = AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32).eval()
@@ -408,28 +293,10 @@ def train_target(corpus_dir: Path, tokenizer: Any, out_dir: Path, config: TinyTa
             "wall_time_s": round(time.perf_counter() - t_start, 1),
         })
         (tmp_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp_dir.chmod(0o777 & ~umask)  # mkdtemp is private; a published model is ordinary data
-        for f in tmp_dir.iterdir():
-            f.chmod(0o666 & ~umask)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     state_path.unlink(missing_ok=True)  # finished: the next build starts afresh
     log.info("tiny target -> %s: %d steps in %.0f s; held-out loss %s", out_dir, step, train_time,
              {d: round(v, 3) for d, v in report["heldout_loss"].items()})
     return report
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _report(model: Any, tokenizer: Any, cfg: TinyTargetConfig, corpus_dir: Path, heldout: dict[str, np.ndarray],

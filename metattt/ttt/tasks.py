@@ -9,71 +9,15 @@ before its anchor.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from metattt.losses import (
-    BlockLoss,
-    block_targets,
-    decayed_draft_ce,
-    draft_hidden,
-    sample_anchors,
-    valid_anchor_mask,
-)
+from metattt.anchors import block_targets, sample_anchors, valid_anchor_mask
+from metattt.config import CONTEXT_MODES, TTTConfig, TTTObjective
+from metattt.losses import BlockLoss, decayed_draft_ce, draft_hidden
+from metattt.models.lora import set_lora
 from metattt.ttt.inner import Functional, InnerResult, ParamDict, inner_loop
-
-
-@dataclass
-class TTTObjective:
-    """Weights of the inner-loop (test-time training) loss terms."""
-
-    block: float = 1.0
-    """Block prediction on the context, as at inference (the default objective)."""
-    clm: float = 0.0
-    """Next-token CE on every context position (blocks of 2: anchor + one draft)."""
-    feature: float = 0.0
-    """Reconstruct the target's last tapped hidden state from the drafter's, through a learned head."""
-    attn_entropy: float = 0.0
-    """Attention-entropy regularizer (eager attention only): + weight × mean entropy."""
-
-
-@dataclass
-class TTTConfig:
-    """What test-time training does on a prompt; meta-training exports it beside the LoRA init."""
-
-    steps: int = 3
-    """Inner SGD steps."""
-    lr: float = 1e-2
-    """Inner learning rate (scalar)."""
-    learned_lrs: dict[str, float] | None = None
-    """Per-tensor inner lrs (Meta-SGD); overrides `lr` where given."""
-    clip: float | None = 1.0
-    """Global-norm clip of inner gradients."""
-    num_anchors: int = 64
-    """Blocks sampled from the prompt per inner step."""
-    gamma: float = 4.0
-    """Position decay of the block loss."""
-    objective: TTTObjective = field(default_factory=TTTObjective)
-
-    def lr_for(self, names: list[str]) -> float | ParamDict:
-        if not self.learned_lrs:
-            return self.lr
-        return {n: torch.tensor(self.learned_lrs.get(n, self.lr)) for n in names}
-
-    def save(self, path: Path, **extra) -> None:
-        from metattt.utils import atomic_write_json
-
-        atomic_write_json(Path(path), {**asdict(self), **extra})
-
-    @classmethod
-    def load(cls, path: Path) -> TTTConfig:
-        d = json.loads(Path(path).read_text())
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["objective"] = TTTObjective(**known.get("objective", {}))
-        return cls(**known)
 
 
 @dataclass
@@ -94,9 +38,6 @@ class Task:
     @property
     def context_loss_mask(self) -> torch.Tensor:
         return self.loss_mask[:, : self.context_len]
-
-
-CONTEXT_MODES = ("random", "prompt")
 
 
 def make_tasks(
@@ -236,7 +177,7 @@ def ttt_adapt(
 
     def loss_fn(params: ParamDict, step: int) -> torch.Tensor:
         return context_loss(Functional(model, params), prompt_ids, prompt_features, loss_mask, anchors, ok,
-                            ttt.objective, ttt.gamma, feature_head)
+                            ttt.objective, ttt.gamma_for(S), feature_head)
 
     with torch.enable_grad():
         result = inner_loop(loss_fn, start, ttt.steps, ttt.lr_for(list(start)), ttt.clip, create_graph=False)
@@ -244,3 +185,16 @@ def ttt_adapt(
     result.losses = [loss.detach() for loss in result.losses]
     return result
 
+
+def prefill_ttt(model, init: ParamDict, ids: torch.Tensor, ttt: TTTConfig, seed: int, feature_head,
+                losses: list[float]):
+    """An `on_prefill` hook for `speculative_generate`: TTT from `init` on the features of the
+    prefill that decoding itself runs (one target forward of the prompt, as in serving), then
+    the adapted LoRA goes into `model`; the TTT losses are appended to `losses`."""
+
+    def adapt(features: torch.Tensor) -> None:
+        out = ttt_adapt(model, init, ids, features, ttt, torch.Generator().manual_seed(seed), feature_head)
+        set_lora(model, out.params)
+        losses.extend(x.item() for x in out.losses)
+
+    return adapt

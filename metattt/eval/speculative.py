@@ -1,4 +1,5 @@
-"""Evaluation as plain functions: prompts, conditions (static / TTT-zero / TTT-meta), τ, report.
+"""The speculative-decoding evaluation as plain functions: prompts, conditions (static / TTT-zero /
+TTT-meta), τ, paired differences, report.
 
 For every prompt the target prefills, the drafter's LoRA is (optionally) adapted on the
 prompt's target features, then speculative decoding runs with target verification. Each
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from metattt.atomic import atomic_write_json, atomic_write_text
+from metattt.config import EVAL_CONDITIONS, EvalConfig, TTTConfig, TTTOverrides
 from metattt.models.lora import set_lora
 from metattt.spec.decode import speculative_generate, target_generate
 from metattt.spec.metrics import summarize_tau
@@ -26,12 +28,11 @@ from metattt.stats import (
     paired_difference,
 )
 from metattt.ttt.inner import ParamDict
-from metattt.ttt.tasks import TTTConfig, ttt_adapt
-from metattt.utils import atomic_write_json, atomic_write_text
+from metattt.ttt.tasks import prefill_ttt
 
 log = logging.getLogger("metattt")
 
-CONDITIONS = ("target", "static", "meta_static", "ttt_zero", "ttt_meta")
+CONDITIONS = EVAL_CONDITIONS
 CONDITION_HELP = {
     "target": "target-only decoding (the speed baseline)",
     "static": "drafter without LoRA",
@@ -39,50 +40,6 @@ CONDITION_HELP = {
     "ttt_zero": "TTT on the prompt from peft's zero init (B = 0)",
     "ttt_meta": "TTT on the prompt from the meta-learned init",
 }
-
-
-@dataclass
-class EvalConfig:
-    """Stage 3: prefill TTT + speculative decoding + τ."""
-
-    splits: dict[str, str | list[str]] = field(default_factory=lambda: {
-        "in_domain": ["checkpoints/tiny/corpus/python.heldout.jsonl", "checkpoints/tiny/corpus/prose.heldout.jsonl"],
-        "drafter_shifted": "checkpoints/tiny/corpus/c.heldout.jsonl",
-        "new_to_both": "checkpoints/tiny/corpus/new_to_both.jsonl",
-    })
-    """Split name -> data file(s) (jsonl/parquet/txt; text or chat records)."""
-    num_prompts: int = 16
-    """Prompts per split."""
-    prompt_len: int = 128
-    """Prompt tokens (a window of each record, at a seeded offset)."""
-    max_new_tokens: int = 64
-    """Tokens generated per prompt."""
-    conditions: list[str] = field(default_factory=lambda: ["target", "static", "ttt_zero", "ttt_meta"])
-    """Any of: target, static, meta_static, ttt_zero, ttt_meta."""
-    temperature: float = 0.0
-    """0: greedy; > 0: sampling (lossless with either rule)."""
-    top_p: float = 1.0
-    """Nucleus filter applied identically to target and drafter."""
-    rule: str = "speculative"
-    """Sampling protocol: speculative (sampled drafts, accept with min(1, p/q)), exact (sampled drafts,
-    accept iff equal to the target's own sample) or dflash (DFlash's: argmax drafts + exact)."""
-    ttt_steps: int | None = None
-    """TTT steps; None: what meta-training exported (ttt_config.json)."""
-    ttt_lr: float | None = None
-    """TTT inner lr; None: exported (learned lrs are used when present)."""
-    ttt_anchors: int | None = None
-    """Blocks of the prompt per TTT step; None: exported. TTT's cost is mostly these blocks' rows of
-    the vocabulary head (README: TTT vs prefill at Qwen3-4B's shape)."""
-    grid_steps: list[int] | None = None
-    """Optional grid over TTT steps (adds conditions ttt_*@steps=k)."""
-    grid_lrs: list[float] | None = None
-    """Optional grid over inner lrs (adds conditions ttt_*@lr=x)."""
-    drafter_path: str | None = None
-    """Drafter folder; None: {out}/drafter (or meta_drafter when meta-training updated the base)."""
-    meta_lora_path: str | None = None
-    """Meta-learned adapter; None: {out}/meta_lora."""
-    output_dir: str | None = None
-    """Where the report goes; None: {out}/eval."""
 
 
 # --- prompts --------------------------------------------------------------------------------
@@ -108,29 +65,9 @@ def load_prompts(files: str | list[str], tokenizer, prompt_len: int, num_prompts
 
 
 # --- one prompt, every condition --------------------------------------------------------------
-def prefill_ttt(model, init: ParamDict, ids: torch.Tensor, ttt: TTTConfig, seed: int, feature_head,
-                losses: list[float]):
-    """An `on_prefill` hook for `speculative_generate`: TTT from `init` on the features of the
-    prefill that decoding itself runs (one target forward of the prompt, as in serving), then
-    the adapted LoRA goes into `model`; the TTT losses are appended to `losses`."""
-
-    def adapt(features: torch.Tensor) -> None:
-        out = ttt_adapt(model, init, ids, features, ttt, torch.Generator().manual_seed(seed), feature_head)
-        set_lora(model, out.params)
-        losses.extend(x.item() for x in out.losses)
-
-    return adapt
-
-
 def condition_plan(cfg: EvalConfig, base_ttt: TTTConfig) -> list[tuple[str, TTTConfig | None]]:
     """(condition label, TTT settings or None) for every condition and grid point."""
-    ttt = TTTConfig(**{**base_ttt.__dict__})
-    if cfg.ttt_steps is not None:
-        ttt.steps = cfg.ttt_steps
-    if cfg.ttt_lr is not None:
-        ttt.lr, ttt.learned_lrs = cfg.ttt_lr, None
-    if cfg.ttt_anchors is not None:
-        ttt.num_anchors = cfg.ttt_anchors
+    ttt = cfg.ttt.apply(base_ttt)
     plan: list[tuple[str, TTTConfig | None]] = []
     for cond in cfg.conditions:
         if cond not in CONDITIONS:
@@ -140,9 +77,9 @@ def condition_plan(cfg: EvalConfig, base_ttt: TTTConfig) -> list[tuple[str, TTTC
             continue
         plan.append((cond, ttt))
         for k in cfg.grid_steps or []:
-            plan.append((f"{cond}@steps={k}", TTTConfig(**{**ttt.__dict__, "steps": k})))
+            plan.append((f"{cond}@steps={k}", TTTOverrides(steps=k).apply(ttt)))
         for lr in cfg.grid_lrs or []:
-            plan.append((f"{cond}@lr={lr:g}", TTTConfig(**{**ttt.__dict__, "lr": lr, "learned_lrs": None})))
+            plan.append((f"{cond}@lr={lr:g}", TTTOverrides(lr=lr).apply(ttt)))
     return plan
 
 

@@ -15,15 +15,15 @@ Every point is measured as Δτ against `static` on the same prompts with a pair
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from metattt.evaluate import EvalConfig, evaluate_prompt, load_prompts, prompt_tau
+from metattt.atomic import atomic_write_json, atomic_write_text
+from metattt.config import EvalConfig, SweepConfig, TTTConfig, TTTOverrides
+from metattt.eval.speculative import evaluate_prompt, load_prompts, prompt_tau
 from metattt.stats import fmt, fmt_difference, paired_difference
-from metattt.ttt.tasks import TTTConfig
-from metattt.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("metattt")
 
@@ -35,32 +35,6 @@ PLACEMENTS: dict[str, list[str]] = {
     "fc+qkv": ["fc", "q_proj", "k_proj", "v_proj"],
     "fc+qkv+mlp": ["fc", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
 }
-
-
-@dataclass
-class SweepConfig:
-    """`python -m metattt sweep`: the TTT sweep (TTT steps, inner lr, LoRA rank, LoRA placement)."""
-
-    splits: list[str] = field(default_factory=lambda: ["drafter_shifted", "in_domain"])
-    """Eval splits (names of `eval.splits`) to sweep on."""
-    num_prompts: int = 16
-    """Prompts per split (the final numbers come from `make eval`, n >= 48)."""
-    prompt_len: int | None = None
-    """Prompt tokens; None: eval.prompt_len."""
-    max_new_tokens: int = 64
-    """Tokens generated per prompt and condition."""
-    steps: list[int] = field(default_factory=lambda: [1, 3, 10, 30])
-    """TTT steps."""
-    lrs: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])
-    """Scalar inner lrs (the meta init also runs with its learned lrs)."""
-    ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
-    """LoRA ranks (zero init)."""
-    placements: list[str] = field(default_factory=lambda: list(PLACEMENTS))
-    """LoRA placements, names of metattt.sweep.PLACEMENTS."""
-    default_steps: int = 3
-    """TTT steps of the rank and placement rows."""
-    default_lr: float = 0.1
-    """Inner lr of the rank and placement rows."""
 
 
 @dataclass
@@ -79,10 +53,7 @@ def lr_label(lr: float | None) -> str:
 
 def point(steps: int, lr: float | None, base: TTTConfig) -> TTTConfig:
     """`base` at `steps` and a scalar `lr` (None: keep its learned lrs)."""
-    cfg = TTTConfig(**{**base.__dict__, "steps": steps})
-    if lr is not None:
-        cfg.lr, cfg.learned_lrs = lr, None
-    return cfg
+    return TTTOverrides(steps=steps, lr=lr).apply(base)
 
 
 def plan_for(cfg: SweepConfig, base: TTTConfig, has_meta: bool, rank_arm: bool) -> list[tuple[str, TTTConfig | None]]:

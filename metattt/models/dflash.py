@@ -1,4 +1,6 @@
-"""DFlash checkpoint layout: import released drafters, export ours so that DFlash, SGLang and vLLM load them.
+"""The block drafter's checkpoint format, DFlash's layout: import released drafters, export ours so
+that DFlash, SGLang and vLLM load them. (metattt.models.drafter reads and writes through these
+functions; they take its classes as arguments, so this file imports no model.)
 
 A DFlash drafter folder is a Qwen3-style `config.json` (`architectures: ["DFlashDraftModel"]`,
 `block_size`, `num_target_layers`, `dflash_config: {mask_token_id, target_layer_ids}`) plus
@@ -43,11 +45,14 @@ import functools
 import json
 import logging
 import shutil
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from metattt.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,7 @@ def to_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------------------------
-# config.json <-> DrafterConfig
+# config.json <-> the block drafter's config
 # --------------------------------------------------------------------------------------------
 
 
@@ -156,7 +161,7 @@ def _derived(d: dict, dflash: dict, name: str, cls_defaults: dict):
     return cls_defaults.get(name)
 
 
-#: DrafterConfig fields that are not config.json keys of their own.
+#: Config fields that are not config.json keys of their own.
 _NOT_KEYS = {"extra", "mask_token_id", "target_layer_ids", "source_keys", "source_path", "attn_implementation"}
 #: Keys whose absence readers fill differently (transformers' Qwen3Config, which DFlash reads with:
 #: head_dim 128, num_key_value_heads 32; DFlash reads block_size only at the top level): export
@@ -165,17 +170,14 @@ _NOT_KEYS = {"extra", "mask_token_id", "target_layer_ids", "source_keys", "sourc
 _ALWAYS_WRITTEN = ("block_size", "head_dim", "num_key_value_heads")
 
 
-def config_from_dflash(d: dict):
-    """A DFlash `config.json` dict → DrafterConfig (unknown keys kept in `extra`).
+def config_from_dflash(d: dict, config_cls: type):
+    """A DFlash `config.json` dict → `config_cls` (the block drafter's config; unknown keys kept
+    in `extra`).
 
     Read as DFlash's reader reads it: a field the file lacks takes transformers' Qwen3Config default
     (`reader_defaults`), and a top-level `block_size` wins over `dflash_config.block_size` (warned
     about when both are there and disagree).
     """
-    from dataclasses import MISSING, fields
-
-    from metattt.models.drafter import DrafterConfig
-
     d = dict(d)
     dflash = dict(d.pop("dflash_config", None) or {})
     if "mask_token_id" not in dflash or "target_layer_ids" not in dflash:
@@ -186,10 +188,10 @@ def config_from_dflash(d: dict):
     if "block_size" in d and "block_size" in dflash and d["block_size"] != dflash["block_size"]:
         log.warning("config.json has block_size %s at the top level and %s in dflash_config; using the top-level "
                     "one, as DFlash does (export writes it to both places)", d["block_size"], dflash["block_size"])
-    defaults = {f.name: f.default for f in fields(DrafterConfig) if f.default is not MISSING}
+    defaults = {f.name: f.default for f in fields(config_cls) if f.default is not MISSING}
     source_keys = list(d)
     kwargs = {}
-    for f in fields(DrafterConfig):
+    for f in fields(config_cls):
         if f.name in _NOT_KEYS:
             continue
         value = d.pop(f.name, None)
@@ -207,13 +209,13 @@ def config_from_dflash(d: dict):
     extra = dict(d)
     if dflash_extra:
         extra["dflash_config"] = dflash_extra
-    return DrafterConfig(mask_token_id=int(dflash["mask_token_id"]),
-                         target_layer_ids=[int(i) for i in dflash["target_layer_ids"]],
-                         extra=extra, source_keys=source_keys, **kwargs)
+    return config_cls(mask_token_id=int(dflash["mask_token_id"]),
+                      target_layer_ids=[int(i) for i in dflash["target_layer_ids"]],
+                      extra=extra, source_keys=source_keys, **kwargs)
 
 
 def config_to_dflash(cfg, dtype: torch.dtype | None = None) -> dict:
-    """DrafterConfig → DFlash `config.json` dict.
+    """The block drafter's config → DFlash `config.json` dict.
 
     A drafter built here writes every field. One imported from a DFlash folder writes back the keys
     it was read from, in the places it found them (`rope_parameters.rope_theta` and its rope_type,
@@ -223,8 +225,6 @@ def config_to_dflash(cfg, dtype: torch.dtype | None = None) -> dict:
     has no rope_theta at all). `dtype`: the dtype of the exported weights; updates
     `torch_dtype`/`dtype` where present.
     """
-    from dataclasses import MISSING, fields
-
     extra = json.loads(json.dumps(cfg.extra))  # deep copy
     dflash = dict(extra.pop("dflash_config", None) or {})
     source = set(cfg.source_keys) if cfg.source_keys is not None else None
@@ -321,15 +321,14 @@ def load_dflash_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_dflash(path: str | Path, attn_implementation: str = "sdpa", strict: bool = True,
+def import_dflash(path: str | Path, model_cls: type, attn_implementation: str = "sdpa", strict: bool = True,
                   dtype: str | torch.dtype | None = None):
-    """Load a DFlash-layout drafter folder (e.g. a released one) as a BlockDrafter.
+    """Load a DFlash-layout drafter folder (e.g. a released one) as `model_cls` (the block drafter,
+    whose `config_class` reads config.json).
 
     The drafter is built in the dtype of its weights unless `dtype` is given. Attach the target
     (`drafter.attach_target(target)`) before running it.
     """
-    from metattt.models.drafter import BlockDrafter
-
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no drafter at {path}: expected config.json + *.safetensors")
@@ -339,11 +338,11 @@ def import_dflash(path: str | Path, attn_implementation: str = "sdpa", strict: b
         raise ValueError(f"{path} has a mask_embedding.pt (a separately trained mask embedding that vLLM puts in "
                          "place of the target's); the block drafter embeds its mask token with the target's "
                          "embedding, so it would compute something else")
-    config = config_from_dflash(raw)
+    config = config_from_dflash(raw, model_cls.config_class)
     config.attn_implementation = attn_implementation
     config.source_path = str(path.resolve())
     state = load_dflash_state_dict(path)
-    model = BlockDrafter(config)
+    model = model_cls(config)
     expected = model.state_dict()
     bad_shapes = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
                   if k in expected and v.shape != expected[k].shape}
@@ -363,8 +362,6 @@ def export_dflash(drafter, path: str | Path, dtype: str | torch.dtype | None = N
     """Write `drafter` (a BlockDrafter, or a peft model around one: its base weights) in DFlash
     layout, atomically. `dtype`: cast the weights (e.g. "bfloat16"); `max_shard_bytes`: split into
     `model-0000x-of-0000y.safetensors` + `model.safetensors.index.json` past that size."""
-    from metattt.utils import atomic_dir
-
     base = drafter.get_base_model() if hasattr(drafter, "get_base_model") else drafter
     cast = to_dtype(dtype)
     state = {}
@@ -469,19 +466,3 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[s
         shards[-1][k] = v
         size += n
     return shards
-
-
-def export_merged(drafter_path: str | Path, meta_lora_path: str | Path, path: str | Path,
-                  dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
-    """The drafter of `drafter_path` with the peft LoRA of `meta_lora_path` merged into its weights
-    (W + (alpha / r)·B·A), in DFlash layout: the `meta_static` condition as a plain drafter that a
-    server loads. Test-time training is not in it (the merged LoRA is the meta-learned init, before
-    any prompt). Merged in float32; written in the drafter's own dtype unless `dtype` is given."""
-    from peft import PeftModel
-
-    drafter = import_dflash(drafter_path)
-    own_dtype = next(drafter.parameters()).dtype
-    model = PeftModel.from_pretrained(drafter.float(), str(meta_lora_path))
-    merged = model.merge_and_unload()
-    merged.config.source_path = drafter.config.source_path  # keep the base folder's other files
-    return export_dflash(merged, path, dtype=dtype or own_dtype, max_shard_bytes=max_shard_bytes)
