@@ -85,6 +85,40 @@ def test_maml_meta_gradient_matches_finite_differences_float64():
     assert checked >= 16
 
 
+def test_clipped_maml_meta_gradient_matches_finite_differences_float64(monkeypatch):
+    """With the inner clip engaged on every step, the float64 meta-gradient is float64-exact (the
+    global norm is taken in float64, not float32): a tolerance float32 rounding would exceed."""
+    import metattt.ttt.inner as inner
+
+    target, drafter = _pair(dtype=torch.float64)
+    model = add_lora(drafter, r=2, alpha=4).to(torch.float64)
+    phi = lora_parameters(model)
+    with torch.no_grad():
+        for n, p in phi.items():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    batch = cyclic_batch(torch.Generator().manual_seed(0), B=1, T=20)
+    feats = target(batch["input_ids"]).features
+    clip, norms = 0.05, []
+    real_clip = inner.clip_by_global_norm
+
+    def recording_clip(grads, max_norm, per_row=False):
+        norms.append(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)).item())
+        return real_clip(grads, max_norm, per_row)
+
+    monkeypatch.setattr(inner, "clip_by_global_norm", recording_clip)
+
+    def meta_loss() -> torch.Tensor:
+        g = torch.Generator().manual_seed(5)
+        tasks = make_tasks(batch, feats, 10, 12, S, g)
+        return meta_batch(model, phi, tasks, generator=g, **_kwargs(clip=clip)).loss
+
+    checked = check_meta_gradient_by_central_differences(
+        meta_loss, phi, lambda n: "layers.1" in n or ".fc." in n, eps=1e-5, rtol=1e-5)
+    assert checked >= 16
+    assert norms and min(norms) > 2 * clip  # every inner step was clipped
+
+
 def test_k0_meta_training_is_plain_lora_training_of_the_outer_loss():
     target, drafter = _pair()
     model = add_lora(drafter, r=4, alpha=8)

@@ -89,6 +89,35 @@ def test_inner_clip_limits_the_update_norm():
     torch.testing.assert_close(clip_by_global_norm(small, 1.0)[0], small[0])
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_inner_clip_is_exact_in_float64(per_row):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(2, 7, generator=g, dtype=torch.float64) * 3, torch.randn(2, 5, generator=g, dtype=torch.float64)]
+    clipped = clip_by_global_norm(grads, 0.5, per_row=per_row)
+    assert all(c.dtype == torch.float64 for c in clipped)
+    dims = (1,) if per_row else (0, 1)
+    norm = torch.sqrt(sum((x**2).sum(dims) for x in grads))
+    after = torch.sqrt(sum((c**2).sum(dims) for c in clipped))
+    # the clip scales by max_norm / (norm + 1e-6); a float32 norm would be off by ~1e-8 relative
+    torch.testing.assert_close(after, 0.5 * norm / (norm + 1e-6), rtol=1e-13, atol=0)
+
+
+def test_maml_with_an_engaged_clip_matches_central_differences_float64():
+    A, B, a, b, theta0, inner, outer = _problem(seed=3)
+    k, alpha, clip = 3, 0.1, 0.05
+    assert torch.linalg.vector_norm(A @ (theta0 - a)) > 10 * clip  # the clip acts on every step
+
+    def meta_loss(theta):
+        return meta_objective("maml", {"w": theta.requires_grad_(True)}, inner, outer, k, alpha, clip=clip).loss
+
+    theta = theta0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(meta_loss(theta), [theta])
+    eps = 1e-6
+    fd = torch.stack([(meta_loss(theta0 + eps * e) - meta_loss(theta0 - eps * e)) / (2 * eps)
+                      for e in torch.eye(5, dtype=torch.float64)])
+    torch.testing.assert_close(grad, fd.detach(), rtol=1e-7, atol=1e-10)
+
+
 def test_non_finite_inner_loss_is_flagged_not_raised():
     def bad(params, step):
         return (params["w"] * float("nan")).sum()

@@ -54,11 +54,16 @@ def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None,
     """
     if max_norm is None or max_norm <= 0:
         return grads
+    # at least float32 (bf16 squares overflow and lose digits), and float64 stays float64: a float32
+    # norm would make clipped float64 inner steps, and their meta-gradients, only float32-exact
+    def up(g: torch.Tensor) -> torch.Tensor:
+        return g.to(torch.promote_types(g.dtype, torch.float32))
+
     if per_row:
-        norm = torch.sqrt(sum((g.float() ** 2).flatten(1).sum(1) for g in grads))  # (R,)
+        norm = torch.sqrt(sum((up(g) ** 2).flatten(1).sum(1) for g in grads))  # (R,)
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return [g * scale.to(g.dtype).view(-1, *(1,) * (g.dim() - 1)) for g in grads]
-    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+    norm = torch.sqrt(sum((up(g) ** 2).sum() for g in grads))
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     return [g * scale.to(g.dtype) for g in grads]
 
