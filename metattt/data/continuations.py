@@ -142,6 +142,8 @@ def prepare_continuations(files: str | list[str], out_dir: Path, tokenizer: Any,
     for k, f in enumerate(files):
         texts = load_records(f)["text"]
         left = None if max_records is None else max_records - len(prompts)
+        if left is not None and left <= 0:
+            break
         prompts += make_prompts(texts, tokenizer, prompt_lens, windows_per_doc, greedy_fraction, seed + k,
                                 Path(f).name, left)
     if not prompts:
