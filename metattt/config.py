@@ -4,7 +4,11 @@ code and the files written: `meta.ttt` is `ttt_config.json`). Every stage reads 
 `Recipe`, so one file drives prepare → distill → meta-train → eval → export.
 `python -m metattt distill --print_config` prints every key.
 
-This module imports nothing else of metattt but atomic writes: every layer can read it.
+Values are checked when the recipe is parsed (the `__post_init__` of each section), before any
+stage builds a model or writes a file; a bad one raises `RecipeError` naming its key.
+
+This module imports nothing else of metattt but atomic writes and the error class: every layer can
+read it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,31 @@ from typing import Any
 import torch
 
 from metattt.atomic import atomic_write_json
+from metattt.errors import RecipeError, rewrite_hint
 
 META_ALGORITHMS = ("maml", "fomaml", "reptile")
 CONTEXT_MODES = ("random", "prompt")
 EVAL_CONDITIONS = ("target", "static", "meta_static", "ttt_zero", "ttt_meta")
 ALPHA_RULES = ("fixed", "kl")
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    """Refuse a recipe value at parse time. `ok` is written as the condition that holds, so NaN fails it."""
+    if not ok:
+        raise RecipeError(f"{key}={value!r}: {what}")
+
+
+def _positive(key: str, value: float, what: str = "a learning rate must be > 0") -> None:
+    _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, value, what)
+
+
+def _fraction(key: str, value: float, hi_open: bool = True) -> None:
+    ok = 0.0 <= value < 1.0 if hi_open else 0.0 <= value <= 1.0
+    _require(ok, key, value, f"must be in [0, {'1)' if hi_open else '1]'}")
+
+
+def _at_least(key: str, value: int | float, low: int | float) -> None:
+    _require(value >= low, key, value, f"must be >= {low}")
 
 
 def default_gamma(block_size: int) -> float:
@@ -207,6 +232,11 @@ class DrafterConfig:
     attn_implementation: str = "sdpa"
     """sdpa or eager (meta-training with second-order gradients switches to eager itself)."""
 
+    def __post_init__(self) -> None:
+        _at_least("drafter.num_hidden_layers", self.num_hidden_layers, 1)
+        _require(self.block_size >= 2, "drafter.block_size", self.block_size,
+                 "a block is the anchor plus at least one draft: use >= 2")
+
 
 @dataclass
 class DataConfig:
@@ -248,6 +278,11 @@ class DataConfig:
             raise ValueError(f"data.max_length must be positive, got {self.max_length}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.min_length", self.min_length, 0)
+        _at_least("data.num_workers", self.num_workers, 0)
+        if self.max_records is not None:
+            _at_least("data.max_records", self.max_records, 1)
 
 
 @dataclass
@@ -306,6 +341,20 @@ class DistillConfig:
     checkpoint_every_n_steps: int = 200
     """Write `last.ckpt` every N optimizer steps (plus at every epoch end)."""
 
+    def __post_init__(self) -> None:
+        _positive("distill.lr", self.lr)
+        _at_least("distill.weight_decay", self.weight_decay, 0)
+        _fraction("distill.warmup_ratio", self.warmup_ratio)
+        _at_least("distill.grad_clip", self.grad_clip, 0)
+        _at_least("distill.accumulate_grad_batches", self.accumulate_grad_batches, 1)
+        _at_least("distill.num_anchors", self.num_anchors, 1)
+        _at_least("distill.max_steps", self.max_steps, -1)
+        _at_least("distill.checkpoint_every_n_steps", self.checkpoint_every_n_steps, 1)
+        if self.gamma is not None:
+            _positive("distill.gamma", self.gamma, "the position decay must be > 0 (or null: by block size)")
+        if not 0.0 <= self.kl_weight <= 1.0:
+            raise RecipeError(f"distill.kl_weight must be in [0, 1] (0: CE only, 1: KL only), got {self.kl_weight}")
+
 
 @dataclass
 class LoraConfig:
@@ -321,6 +370,11 @@ class LoraConfig:
     """Module names that carry LoRA; None: the drafter kind's default (block: fc, q_proj, k_proj, v_proj;
     autoregressive: cross_q_proj, gate_proj, up_proj, down_proj)."""
 
+    def __post_init__(self) -> None:
+        _at_least("lora.r", self.r, 1)
+        _positive("lora.alpha", self.alpha, "the LoRA scale alpha / r must be > 0")
+        _fraction("lora.dropout", self.dropout)
+
 
 @dataclass
 class TTTObjective:
@@ -334,6 +388,10 @@ class TTTObjective:
     """Reconstruct the target's last tapped hidden state from the drafter's, through a learned head."""
     attn_entropy: float = 0.0
     """Attention-entropy regularizer (eager attention only): + weight × mean entropy."""
+
+    def __post_init__(self) -> None:
+        for name in ("block", "clm", "feature", "attn_entropy"):
+            _at_least(f"meta.ttt.objective.{name}", getattr(self, name), 0)
 
 
 @dataclass
@@ -354,6 +412,22 @@ class TTTConfig:
     """Position decay exp(-(k-1)/γ) of the block loss; None: by block size (7 for 16, 5 for 10, 4 for 8)."""
     objective: TTTObjective = field(default_factory=TTTObjective)
 
+    def __post_init__(self) -> None:
+        self.check("meta.ttt")
+
+    def check(self, key: str) -> None:
+        """Refuse what TTT cannot run with; `key` is where the settings came from (a recipe section
+        or a file). A negative inner lr would make TTT ascend its loss."""
+        _at_least(f"{key}.steps", self.steps, 0)
+        _positive(f"{key}.lr", self.lr, "an inner learning rate must be > 0 (a negative one ascends the loss)")
+        lrs = self.learned_lrs or {}
+        for name, lr in (lrs.items() if isinstance(lrs, dict) else enumerate(lrs)):
+            _positive(f"{key}.learned_lrs[{name!r}]", lr, "a learned inner learning rate must be > 0 "
+                      "(a negative one ascends the loss)")
+        _at_least(f"{key}.num_anchors", self.num_anchors, 1)
+        if self.gamma is not None:
+            _positive(f"{key}.gamma", self.gamma, "the position decay must be > 0 (or null: by block size)")
+
     def lr_for(self, names: list[str]) -> float | dict[str, torch.Tensor]:
         if not self.learned_lrs:
             return self.lr
@@ -367,10 +441,17 @@ class TTTConfig:
 
     @classmethod
     def load(cls, path: Path) -> TTTConfig:
-        d = json.loads(Path(path).read_text())
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["objective"] = TTTObjective(**known.get("objective", {}))
-        return cls(**known)
+        """Read `ttt_config.json`; settings TTT cannot run with (e.g. a negative learned lr) are
+        refused, naming the file."""
+        try:
+            d = json.loads(Path(path).read_text())
+            known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+            known["objective"] = TTTObjective(**known.get("objective", {}))
+            return cls(**known)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {str(e).replace('meta.ttt.', '')}; {rewrite_hint(path)}") from e
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"{path} is not a readable ttt_config.json ({e}): {rewrite_hint(path)}") from e
 
 
 @dataclass
@@ -384,6 +465,14 @@ class TTTOverrides:
     """Scalar inner lr (replaces learned Meta-SGD lrs)."""
     num_anchors: int | None = None
     """Blocks of the prompt per step. TTT's cost is mostly these blocks' rows of the vocabulary head."""
+
+    def check(self, key: str) -> None:
+        if self.steps is not None:
+            _at_least(f"{key}.steps", self.steps, 0)
+        if self.lr is not None:
+            _positive(f"{key}.lr", self.lr, "an inner learning rate must be > 0 (a negative one ascends the loss)")
+        if self.num_anchors is not None:
+            _at_least(f"{key}.num_anchors", self.num_anchors, 1)
 
     def apply(self, ttt: TTTConfig) -> TTTConfig:
         out = TTTConfig(**{**ttt.__dict__})
@@ -457,6 +546,17 @@ class MetaConfig:
             raise ValueError("meta.prequential needs meta.algorithm=maml")
         if self.context not in CONTEXT_MODES:
             raise ValueError(f"meta.context={self.context!r}: choose one of {CONTEXT_MODES}")
+        _positive("meta.lr", self.lr)
+        _at_least("meta.weight_decay", self.weight_decay, 0)
+        _fraction("meta.warmup_ratio", self.warmup_ratio)
+        _at_least("meta.grad_clip", self.grad_clip, 0)
+        _at_least("meta.inner_lr_warmup_steps", self.inner_lr_warmup_steps, 0)
+        _at_least("meta.outer_anchors", self.outer_anchors, 1)
+        _at_least("meta.context_min", self.context_min, 1)
+        _require(self.context_max >= self.context_min, "meta.context_max", self.context_max,
+                 f"must be >= meta.context_min={self.context_min}")
+        _at_least("meta.max_steps", self.max_steps, -1)
+        _at_least("meta.checkpoint_every_n_steps", self.checkpoint_every_n_steps, 1)
 
 
 @dataclass
@@ -571,6 +671,20 @@ class EvalConfig:
     output_dir: str | None = None
     """Where the report goes; None: {out}/eval."""
 
+    def __post_init__(self) -> None:
+        _at_least("eval.num_prompts", self.num_prompts, 1)
+        _at_least("eval.prompt_len", self.prompt_len, 1)
+        _at_least("eval.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("eval.temperature", self.temperature, 0)
+        _require(0 < self.top_p <= 1, "eval.top_p", self.top_p, "must be in (0, 1]")
+        unknown = [c for c in self.conditions if c not in EVAL_CONDITIONS]
+        _require(not unknown, "eval.conditions", self.conditions, f"{unknown} unknown: choose from {EVAL_CONDITIONS}")
+        for k in self.grid_steps or []:
+            _at_least("eval.grid_steps", k, 0)
+        for lr in self.grid_lrs or []:
+            _positive("eval.grid_lrs", lr, "every inner learning rate must be > 0")
+        self.ttt.check("eval.ttt")
+
 
 @dataclass
 class GuidedConfig:
@@ -633,8 +747,20 @@ class GuidedConfig:
     """Drafter folder; None: as eval (the meta adapter's base, or {out}/drafter)."""
     meta_lora_path: str | None = None
     """Meta-learned adapter; None: {out}/meta_lora."""
+    allow_ttt_on_clbench_rows_despite_licence: bool = False
+    """CL-bench's licence allows evaluation only: TTT (guided.ttt_modes with true, or refine_rounds > 0)
+    on its rows adapts the drafter's parameters on them, which it forbids, so such a run is refused.
+    true runs it anyway: only where you hold other rights to the data."""
 
     def __post_init__(self) -> None:
+        _positive("guided.kl_tau", self.kl_tau, "must be > 0 (the KL, in nats, at which the kl rule reaches α)")
+        _require(0 < self.top_p <= 1, "guided.top_p", self.top_p, "must be in (0, 1]")
+        _at_least("guided.samples", self.samples, 1)
+        _at_least("guided.refine_rounds", self.refine_rounds, 0)
+        _at_least("guided.max_new_tokens", self.max_new_tokens, 1)
+        _at_least("guided.max_prompt_tokens", self.max_prompt_tokens, 1)
+        _at_least("guided.synthetic_tasks", self.synthetic_tasks, 1)
+        self.ttt.check("guided.ttt")
         if self.alpha_rule not in ALPHA_RULES:
             raise ValueError(f"guided.alpha_rule must be one of {ALPHA_RULES}")
         if self.ttt_init not in ("meta", "zero"):
@@ -669,6 +795,18 @@ class SweepConfig:
     """TTT steps of the rank and placement rows."""
     default_lr: float = 0.1
     """Inner lr of the rank and placement rows."""
+
+    def __post_init__(self) -> None:
+        _at_least("sweep.num_prompts", self.num_prompts, 1)
+        _at_least("sweep.max_new_tokens", self.max_new_tokens, 1)
+        for k in self.steps:
+            _at_least("sweep.steps", k, 0)
+        _at_least("sweep.default_steps", self.default_steps, 0)
+        for lr in self.lrs:
+            _positive("sweep.lrs", lr, "every inner learning rate must be > 0")
+        _positive("sweep.default_lr", self.default_lr, "an inner learning rate must be > 0")
+        for rank in self.ranks:
+            _at_least("sweep.ranks", rank, 1)
 
 
 @dataclass

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "metattt"
 
 #: Bottom to top. The name is the first part of the module path below `metattt.`.
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "atomic", "stats", "progress", "checkpointing", "endpoint"),  # foundations: the recipe, files, numbers, resume
+    ("config", "atomic", "stats", "progress", "checkpointing", "endpoint", "errors"),  # foundations: the recipe, files, numbers, resume, bad-input errors
     ("models",),  # the target wrapper, the drafter kinds and their registry, LoRA
     ("anchors", "losses", "ttt", "data", "metrics", "tiny", "clbench"),  # losses, the inner loop, data
     ("spec",),  # speculative and guided decoding

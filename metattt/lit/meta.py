@@ -12,6 +12,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from metattt.checkpointing import step_generator
 from metattt.config import MetaConfig, TTTConfig
+from metattt.errors import RecipeError
 from metattt.lit.distill import FrozenTargetCheckpointing
 from metattt.metrics import BlockAccuracy
 from metattt.models.base import set_attn_implementation
@@ -49,7 +50,10 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
             for m in drafter.modules():
                 if hasattr(m, "track_entropy"):
                     m.track_entropy = True
-        self.inner_lrs = nn.Parameter(torch.full((len(self.fast_names),), cfg.ttt.lr)) if cfg.learn_inner_lr else None
+        # Meta-SGD lrs are learned as logs: exp keeps every inner lr positive whatever the outer
+        # optimizer does (a negative lr makes TTT ascend its loss); `inner_lrs` is the lrs themselves
+        self.log_inner_lrs = nn.Parameter(torch.full((len(self.fast_names),), math.log(cfg.ttt.lr))) \
+            if cfg.learn_inner_lr else None
         H = drafter.config.hidden_size
         self.feature_head = nn.Linear(H, H, bias=False) if cfg.ttt.objective.feature else None
         self.before_acc = BlockAccuracy(self.block_size)
@@ -61,6 +65,22 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
     # --- pieces ---------------------------------------------------------------------------------
     def _generator(self, batch_idx: int, stage: str) -> torch.Generator:
         return step_generator(self.seed, self.global_step if stage == "train" else batch_idx, self.global_rank, stage)
+
+    @property
+    def inner_lrs(self) -> torch.Tensor | None:
+        """The learned per-tensor inner lrs (Meta-SGD), > 0 by construction; None without learn_inner_lr."""
+        return None if self.log_inner_lrs is None else self.log_inner_lrs.exp()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints from before the log-parametrization hold the lrs themselves
+        state = checkpoint.get("state_dict", {})
+        if "inner_lrs" in state and "log_inner_lrs" not in state:
+            old = state.pop("inner_lrs")
+            if not bool((old > 0).all()):
+                raise RecipeError("the meta-training checkpoint being resumed holds learned inner lrs <= 0 "
+                                  f"({old.min().item():.3g}), which make TTT ascend its loss: start afresh with "
+                                  "--run.resume=false")
+            state["log_inner_lrs"] = old.log()
 
     @property
     def clip(self) -> float | None:
@@ -167,7 +187,7 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
     def configure_optimizers(self):
         groups = [{"params": [p for n, p in self.drafter.named_parameters() if p.requires_grad]}]
         if self.inner_lrs is not None:
-            groups.append({"params": [self.inner_lrs], "weight_decay": 0.0})
+            groups.append({"params": [self.log_inner_lrs], "weight_decay": 0.0})
         if self.feature_head is not None:
             groups.append({"params": list(self.feature_head.parameters())})
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95))
