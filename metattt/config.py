@@ -514,6 +514,10 @@ class MetaConfig:
     """TTT-E2E's prequential outer loss: each inner step trains on the next context chunk, scored before it."""
     checkpoint_inner_steps: bool = False
     """Recompute each inner step in the backward (saves memory of second-order graphs)."""
+    batch_tasks: bool = True
+    """Adapt all tasks of a batch at once (one forward per inner step, each task with its own fast weights,
+    metattt.ttt.meta); false: one task after another. Same meta-gradient either way; the attention-entropy
+    objective always goes task by task."""
     update_base: bool = False
     """Also train the drafter's base weights in the outer loop."""
     lr: float = 1e-3

@@ -235,22 +235,28 @@ def test_meta_training_makes_adaptation_pay_off(algorithm):
     assert meta_after < 0.75 * zero_before, msg
 
 
-def test_non_finite_inner_loss_skips_the_task_and_training_goes_on(monkeypatch):
+@pytest.mark.parametrize("batch_tasks", [True, False])
+def test_non_finite_inner_loss_skips_the_task_and_training_goes_on(monkeypatch, batch_tasks):
     import metattt.ttt.meta as meta_mod
 
     target, drafter = _pair()
     model = add_lora(drafter, r=4, alpha=8)
-    real = meta_mod.context_loss
+    name = "batched_context_loss" if batch_tasks else "context_loss"  # (R,) rows or one task's scalar
+    real = getattr(meta_mod, name)
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 1 else loss
+        if calls["n"] != 1:
+            return loss
+        first = torch.ones_like(loss)
+        first.view(-1)[0] = float("nan")  # the first task only: the others of its batch adapt on
+        return loss * first
 
-    monkeypatch.setattr(meta_mod, "context_loss", sometimes_nan)
+    monkeypatch.setattr(meta_mod, name, sometimes_nan)
     cfg = MetaConfig(algorithm="maml", ttt=TTTConfig(steps=2, lr=0.3, num_anchors=8), outer_anchors=8,
-                     context_min=17, context_max=24, warmup_ratio=0.0)
+                     context_min=17, context_max=24, warmup_ratio=0.0, batch_tasks=batch_tasks)
     module = MetaTrainModule(target, model, cfg)
     before = copy_lora(model)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -101,7 +101,8 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
         return TTTConfig(**{**self.cfg.ttt.__dict__, "learned_lrs": learned, "gamma": self.gamma,
                             "clip": self.clip})
 
-    def _meta(self, batch: dict, batch_idx: int, stage: str, algorithm: str) -> MetaBatchResult:
+    def _meta(self, batch: dict, batch_idx: int, stage: str, algorithm: str, score_before: bool = True
+              ) -> MetaBatchResult:
         if "features" in batch:  # offline hidden-state cache (data.feature_cache)
             features = batch["features"]  # (B, T, n·H)
         else:
@@ -116,26 +117,28 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
             clip=self.clip, inner_anchors=self.cfg.ttt.num_anchors,
             outer_anchors=self.cfg.outer_anchors, objective=self.objective, gamma=self.gamma, generator=g,
             prequential=self.cfg.prequential, checkpoint=self.cfg.checkpoint_inner_steps,
-            feature_head=self.feature_head,
+            feature_head=self.feature_head, batched=self.cfg.batch_tasks, score_before=score_before,
         )
 
     def _log_result(self, res: MetaBatchResult, stage: str, before: BlockAccuracy, after: BlockAccuracy) -> None:
         if not res.after:
             return
         n = len(res.after)
-        b = sum(x.loss.item() for x in res.before) / max(1, len(res.before))
-        a = sum(x.loss.item() for x in res.after) / n
+        # tensors, not .item(): the values stay on the device until Lightning writes them out
+        a = torch.stack([x.loss.detach() for x in res.after]).mean()
         sync = stage == "val"
-        self.log(f"{stage}/cont_loss_before", b, batch_size=n, sync_dist=sync)
         self.log(f"{stage}/cont_loss_after", a, prog_bar=True, batch_size=n, sync_dist=sync)
-        self.log(f"{stage}/adapt_gain", b - a, prog_bar=True, batch_size=n, sync_dist=sync)
-        for x in res.before:
-            before.update(x.correct, x.weights > 0)
-        for x in res.after:
-            after.update(x.correct, x.weights > 0)
-        if res.inner_losses and res.inner_losses[0]:
-            for j in range(len(res.inner_losses[0])):
-                v = sum(t[j] for t in res.inner_losses) / len(res.inner_losses)
+        if res.before:  # scored on logging steps only: it costs a forward of its own
+            b = torch.stack([x.loss for x in res.before]).mean()
+            self.log(f"{stage}/cont_loss_before", b, batch_size=n, sync_dist=sync)
+            self.log(f"{stage}/adapt_gain", b - a, prog_bar=True, batch_size=n, sync_dist=sync)
+            # the same steps feed both accuracies, so before and after compare the same blocks
+            for x in res.before:
+                before.update(x.correct, x.weights > 0)
+            for x in res.after:
+                after.update(x.correct, x.weights > 0)
+        if res.inner is not None and res.inner.shape[1]:
+            for j, v in enumerate(res.inner.mean(0)):
                 self.log(f"{stage}_inner_loss/step{j}", v, batch_size=n, sync_dist=sync)
 
     def _log_acc(self, stage: str, before: BlockAccuracy, after: BlockAccuracy) -> None:
@@ -153,7 +156,9 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        res = self._meta(batch, batch_idx, "train", self.cfg.algorithm)
+        # Lightning writes step metrics when (step + 1) % log_every_n_steps == 0; _log_acc below agrees
+        logging_step = (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+        res = self._meta(batch, batch_idx, "train", self.cfg.algorithm, score_before=logging_step)
         self.skipped_total += res.skipped
         self.log("train/skipped_tasks", float(self.skipped_total), batch_size=1)
         opt.zero_grad()

@@ -16,10 +16,24 @@ from metattt.ttt.inner import InnerResult, ParamDict, inner_loop
 ALGORITHMS = ("maml", "fomaml", "reptile")
 
 
+class _Rows(torch.autograd.Function):
+    """φ -> (R, ...) rows that are views of it, one task's fast weights each. The backward sums the
+    rows' gradients into one laid out like φ (an expand's would keep the strides of the batched
+    matmul's transposed operand, and callers view gradients flat)."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, rows: int) -> torch.Tensor:
+        return p.unsqueeze(0).expand(rows, *p.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.sum(0).contiguous(), None
+
+
 @dataclass
 class MetaOutput:
-    loss: torch.Tensor  # backward() on this gives the meta-gradient
-    outer_loss: torch.Tensor  # continuation loss after adaptation (for logging; detached)
+    loss: torch.Tensor  # backward() on this gives the meta-gradient; (R,) per task with `rows`
+    outer_loss: torch.Tensor  # continuation loss after adaptation (for logging; detached), () or (R,)
     inner: InnerResult
 
 
@@ -33,8 +47,16 @@ def meta_objective(
     clip: float | None = 1.0,
     prequential: bool = False,
     checkpoint: bool = False,
+    rows: int | None = None,
+    check_finite: bool = True,
 ) -> MetaOutput:
     """Adapt φ with `steps` inner SGD steps on `inner_loss_fn`, score with `outer_loss_fn`.
+
+    rows: R tasks at once, each adapting its own copy of φ (fast weights (R, ...), each row
+        clipped by its own norm); both loss functions then return (R,) per-task losses (a row's
+        loss reading only its own row of the fast weights) and `loss` is (R,): the caller averages
+        the rows it keeps. None: one task, scalar losses.
+    check_finite: passed to `inner_loop`; False leaves `inner.finite` for the caller to check.
 
     maml:    loss = L_out(θ_k(φ)), graph through every inner step (exact meta-gradient).
              With `prequential`, each inner step's loss (scored before its own update, as
@@ -49,18 +71,26 @@ def meta_objective(
     if prequential and algorithm != "maml":
         raise ValueError("the prequential outer loss needs algorithm=maml (it differentiates the inner losses)")
     second_order = algorithm == "maml"
-    result = inner_loop(inner_loss_fn, phi, steps, lr, clip, create_graph=second_order,
-                        checkpoint=checkpoint and second_order)
+    # views, not copies: the meta-gradient of φ sums its rows' in the backward
+    start = phi if rows is None else {n: _Rows.apply(p, rows) for n, p in phi.items()}
+    result = inner_loop(inner_loss_fn, start, steps, lr, clip, create_graph=second_order,
+                        checkpoint=checkpoint and second_order, clip_per_row=rows is not None,
+                        check_finite=check_finite)
     if result.skipped:
         zero = sum((p * 0).sum() for p in phi.values())  # keeps every φ in the graph with a zero gradient
-        return MetaOutput(loss=zero, outer_loss=torch.tensor(float("nan")), inner=result)
+        if rows is not None:
+            zero = zero.expand(rows)
+        return MetaOutput(loss=zero, outer_loss=torch.full(zero.shape, float("nan")), inner=result)
     if algorithm == "reptile":
         with torch.no_grad():
             outer = outer_loss_fn(result.params)
-        loss = sum((phi[n] * (phi[n] - result.params[n]).detach()).sum() for n in phi)
+        if rows is None:
+            loss = sum((phi[n] * (phi[n] - result.params[n]).detach()).sum() for n in phi)
+        else:
+            loss = sum((phi[n] * (phi[n] - result.params[n]).detach()).flatten(1).sum(1) for n in phi)  # (R,)
         return MetaOutput(loss=loss, outer_loss=outer.detach(), inner=result)
     outer = outer_loss_fn(result.params)
     loss = outer
     if prequential and result.losses:
-        loss = (outer + torch.stack(result.losses).sum()) / (1 + len(result.losses))
+        loss = (outer + torch.stack(result.losses).sum(0)) / (1 + len(result.losses))
     return MetaOutput(loss=loss, outer_loss=outer.detach(), inner=result)

@@ -22,11 +22,12 @@ from the same generator states, so each row gets exactly what it would have got 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from metattt.anchors import block_targets
+from metattt.anchors import block_targets, valid_anchor_mask
 from metattt.losses import draft_hidden
 from metattt.models.batched_lora import batched_lora, repeat_lora, stack_lora, unstack_lora
 from metattt.ttt.inner import Functional, InnerResult, ParamDict, inner_loop
@@ -60,7 +61,7 @@ def pad_prompts(
     return ids, feats, valid
 
 
-def _pad_anchors(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_anchors(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (1, N_i) anchors and flags -> (R, N) with anchor 0 / flag False after each row's own."""
     N = max(1, max(a.shape[1] for a, _ in rows))
     anchors = torch.zeros(len(rows), N, dtype=torch.long, device=rows[0][0].device)
@@ -70,28 +71,93 @@ def _pad_anchors(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
     return anchors, ok
 
 
+@dataclass
+class Scored:
+    """The drafts a batched loss supervises. They depend on the anchors alone, so they are found once
+    and every inner step reuses them: no step has to ask the device which drafts count (a sync)."""
+
+    anchors: torch.Tensor  # (R, N)
+    labels: torch.Tensor  # (R, N, K)
+    weights: torch.Tensor  # (R, N, K), 0 where unsupervised
+    index: torch.Tensor  # (M,) flat positions in R·N·K of the supervised drafts
+    row: torch.Tensor  # (M,) the row of each
+    block: int  # block length the drafter reads: S, or 2 for next-token (clm) blocks
+
+
+def score_drafts(ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, anchor_ok: torch.Tensor,
+                 block: int, gamma: float) -> Scored:
+    """`block_targets` of (R, T) rows and the supervised drafts among them."""
+    labels, w = block_targets(ids, loss_mask, anchors, anchor_ok, block, gamma)  # (R, N, K) each
+    index = (w > 0).flatten().nonzero().flatten()  # (M,): the one sync, outside any inner loop
+    row = index // (w.shape[1] * w.shape[2])
+    return Scored(anchors, labels, w, index, row, block)
+
+
 def _row_weighted_ce(
     hidden: torch.Tensor,  # (R, N, K, H) hidden state behind each draft
     lm_head,
-    labels: torch.Tensor,  # (R, N, K)
-    weights: torch.Tensor,  # (R, N, K)
+    scored: Scored,
     chunk_size: int = 4096,
+    correct: torch.Tensor | None = None,  # (R, N, K) bool, filled in: argmax == label where supervised
 ) -> torch.Tensor:
     """Per row Σ w·CE / Σ w -> (R,), `decayed_draft_ce` of each row alone (0 for a row without weight)."""
     R = hidden.shape[0]
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    keep = weights > 0  # only supervised drafts get logits
-    h, y, w = hidden[keep], labels[keep], weights[keep]  # (M, H), (M,), (M,)
-    row = torch.arange(R, device=hidden.device)[:, None, None].expand_as(weights)[keep]  # (M,)
+    # only supervised drafts get logits
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored.index)  # (M, H)
+    y, w = scored.labels.flatten()[scored.index], scored.weights.flatten()[scored.index]  # (M,) each
     total = torch.zeros(R, device=hidden.device, dtype=acc_dtype)
+    hits = torch.zeros_like(y, dtype=torch.bool) if correct is not None else None  # (M,)
     # chunks bound the live fp32 logits, as decayed_draft_ce does at real vocabulary sizes
     for start in range(0, h.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
-        ce = F.cross_entropy(lm_head(h[chunk]).to(acc_dtype), y[chunk], reduction="none")  # (m,)
-        total = total.index_add(0, row[chunk], ce * w[chunk])
+        logits = lm_head(h[chunk]).to(acc_dtype)  # (m, V)
+        ce = F.cross_entropy(logits, y[chunk], reduction="none")  # (m,)
+        total = total.index_add(0, scored.row[chunk], ce * w[chunk])
+        if hits is not None:
+            hits[chunk] = logits.detach().argmax(-1) == y[chunk]
+    if correct is not None:
+        correct.view(-1)[scored.index] = hits
     if h.shape[0] == 0:  # nothing supervised anywhere: zero losses that still have a graph
         total = total + hidden.sum().to(acc_dtype) * 0.0
-    return total / weights.sum((1, 2)).clamp_min(1e-8)
+    return total / scored.weights.sum((1, 2)).clamp_min(1e-8)
+
+
+@dataclass
+class ContextTargets:
+    """What `batched_context_loss` scores in the contexts, fixed for all inner steps."""
+
+    block: Scored | None  # blocks at the anchors (block and feature objectives)
+    clm: Scored | None  # next-token blocks at every trained position (clm objective; None: none or no such position)
+
+
+def context_targets(
+    ids: torch.Tensor,  # (R, C) context tokens, right-padded
+    valid: torch.Tensor,  # (R, C) bool, False on padding
+    anchors: torch.Tensor,  # (R, N)
+    anchor_ok: torch.Tensor,  # (R, N)
+    objective: TTTObjective,
+    gamma: float,
+    block_size: int,
+    loss_mask: torch.Tensor | None = None,  # (R, C); None: every valid token (a prompt)
+) -> ContextTargets:
+    """The drafts each objective of `batched_context_loss` supervises (found once, see `Scored`)."""
+    prompt = loss_mask is None
+    loss_mask = valid.long() if prompt else loss_mask * valid
+    block = clm = None
+    if objective.block or objective.feature:
+        block = score_drafts(ids, loss_mask, anchors, anchor_ok, block_size, gamma)
+    if objective.clm:
+        if prompt:
+            # every position 1..P-2 of a row of P tokens has a next prompt token (valid_anchor_mask with blocks of 2)
+            lengths = valid.sum(-1).tolist()
+            per_row = [torch.arange(1, max(1, P - 1), device=ids.device)[None] for P in lengths]
+            a, a_ok = pad_anchors([(p, torch.ones_like(p, dtype=torch.bool)) for p in per_row])
+        else:  # context_loss's positions: a next token inside the row that its loss mask trains on
+            a, a_ok = _clm_anchors(valid_anchor_mask(loss_mask, valid, 2))
+        if a_ok.any():
+            clm = score_drafts(ids, loss_mask, a, a_ok, 2, gamma)
+    return ContextTargets(block, clm)
 
 
 def batched_context_loss(
@@ -104,6 +170,8 @@ def batched_context_loss(
     objective: TTTObjective,
     gamma: float,
     feature_head: torch.nn.Module | None = None,
+    loss_mask: torch.Tensor | None = None,  # (R, C); None: every valid token (a prompt)
+    targets: ContextTargets | None = None,  # `context_targets` of these arguments, found once for every step
 ) -> torch.Tensor:
     """`metattt.ttt.tasks.context_loss` of every row at once -> (R,), each row normalised alone."""
     if objective.attn_entropy:
@@ -112,13 +180,13 @@ def batched_context_loss(
     cfg = f.config
     S = cfg.block_size
     R = ids.shape[0]
-    loss_mask = valid.long()
+    if targets is None:
+        targets = context_targets(ids, valid, anchors, anchor_ok, objective, gamma, S, loss_mask)
     total = torch.zeros(R, device=ids.device, dtype=torch.promote_types(features.dtype, torch.float32))
-    if objective.block or objective.feature:
-        labels, w = block_targets(ids, loss_mask, anchors, anchor_ok, S, gamma)  # (R, N, S-1) each
+    if targets.block is not None:
         hidden = draft_hidden(f, ids, anchors, S, cfg.mask_token_id, features, valid)  # (R, N, S-1, H)
         if objective.block:
-            total = total + objective.block * _row_weighted_ce(hidden, f.logits, labels, w)
+            total = total + objective.block * _row_weighted_ce(hidden, f.logits, targets.block)
         if objective.feature:
             if feature_head is None:
                 raise ValueError("objective.feature > 0 needs a feature_head")
@@ -127,18 +195,35 @@ def batched_context_loss(
             pos = (anchors[:, :, None] + torch.arange(S - 1, device=ids.device)).clamp(max=ids.shape[1] - 1)
             want = features[..., -H:].gather(1, pos.flatten(1)[..., None].expand(-1, -1, H)).view(*pos.shape, H)
             err = (feature_head(hidden) - want.to(hidden.dtype)).pow(2).mean(-1)  # (R, N, S-1)
-            m = w > 0
+            m = targets.block.weights > 0
             total = total + objective.feature * (err * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1)
-    if objective.clm:
-        # every position 1..P-2 of a row of P tokens has a next prompt token (valid_anchor_mask with blocks of 2)
-        lengths = valid.sum(-1).tolist()
-        per_row = [torch.arange(1, max(1, P - 1), device=ids.device)[None] for P in lengths]
-        a, a_ok = _pad_anchors([(p, torch.ones_like(p, dtype=torch.bool)) for p in per_row])
-        if a_ok.any():
-            labels, w = block_targets(ids, loss_mask, a, a_ok, 2, gamma)
-            hidden = draft_hidden(f, ids, a, 2, cfg.mask_token_id, features, valid)
-            total = total + objective.clm * _row_weighted_ce(hidden, f.logits, labels, w)
+    if targets.clm is not None:
+        hidden = draft_hidden(f, ids, targets.clm.anchors, 2, cfg.mask_token_id, features, valid)
+        total = total + objective.clm * _row_weighted_ce(hidden, f.logits, targets.clm)
     return total
+
+
+def _clm_anchors(ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, C) bool positions -> (R, M) anchors in increasing order and flags, M the most any row has."""
+    C = ok.shape[1]
+    key = torch.where(ok, torch.arange(C, device=ok.device), C)  # (R, C): invalid positions sort last
+    M = max(1, int(ok.sum(-1).max()))
+    anchors = key.sort(-1).values[:, :M]  # (R, M)
+    flags = anchors < C
+    return torch.where(flags, anchors, 0), flags
+
+
+def batched_continuation_loss(
+    f,  # drafter-like callable over R rows: the model (one adapter for every row) or batched fast weights
+    ids: torch.Tensor,  # (R, T) whole sequences, right-padded
+    features: torch.Tensor,  # (R, T, n·H)
+    valid: torch.Tensor,  # (R, T) bool, False on padding
+    scored: Scored,  # `score_drafts` of the continuation anchors
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`metattt.ttt.tasks.continuation_loss` of every row -> losses (R,) and correct (R, N, S-1)."""
+    hidden = draft_hidden(f, ids, scored.anchors, scored.block, f.config.mask_token_id, features, valid)
+    correct = torch.zeros_like(scored.labels, dtype=torch.bool)
+    return _row_weighted_ce(hidden, f.logits, scored, correct=correct), correct
 
 
 def _generators(generators, R: int) -> list[torch.Generator]:
@@ -189,15 +274,16 @@ def ttt_adapt_batched(
     # rows with nothing to train on keep their init untouched, as ttt_adapt returns it early
     C = max(prompts[r].shape[1] for r in active)
     ids, feats, valid = ids[active, :C], feats[active, :C], valid[active, :C]
-    anchors, ok = _pad_anchors([rows[r] for r in active])
+    anchors, ok = pad_anchors([rows[r] for r in active])
     shared = isinstance(init, dict)
     start = repeat_lora(inits[0], len(active)) if shared else stack_lora([inits[r] for r in active])
     start = {n: t.detach().clone().requires_grad_(True) for n, t in start.items()}  # (A, ...) each
     row_losses: list[torch.Tensor] = []
+    targets = context_targets(ids, valid, anchors, ok, ttt.objective, ttt.gamma, S)
 
     def loss_fn(params: ParamDict, step: int) -> torch.Tensor:
         per_row = batched_context_loss(Functional(model, params), ids, feats, valid, anchors, ok,
-                                       ttt.objective, ttt.gamma, feature_head)  # (A,)
+                                       ttt.objective, ttt.gamma, feature_head, targets=targets)  # (A,)
         row_losses.append(per_row.detach())
         return per_row.sum()  # row b's slice gets row b's gradient only
 

@@ -9,7 +9,6 @@ dict and enter the forward through `torch.func.functional_call`. Gradients come 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,9 +39,12 @@ class Functional:
 @dataclass
 class InnerResult:
     params: ParamDict  # adapted fast weights
-    losses: list[torch.Tensor] = field(default_factory=list)  # inner loss at each step, before its update
+    losses: list[torch.Tensor] = field(default_factory=list)  # inner loss at each step, before its update: () or (R,)
     skipped: bool = False  # a non-finite loss or gradient: params are the initial ones, drop this task
     reason: str = ""
+    # () or (R,) bool on the weights' device: every step's loss and update were finite (per row with
+    # clip_per_row); with check_finite=False the caller reads it, once for a whole meta step
+    finite: torch.Tensor | None = None
 
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None,
@@ -79,8 +81,9 @@ def _sgd_step(
     *values: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     params = dict(zip(names, values))
-    loss = loss_fn(params, step)
-    grads = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True)
+    loss = loss_fn(params, step)  # () or (R,) per-row losses
+    # row b's loss reaches only row b's fast weights, so the gradient of the sum is each row's own
+    grads = torch.autograd.grad(loss.sum(), values, create_graph=create_graph, allow_unused=True)
     grads = [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)]
     grads = clip_by_global_norm(grads, clip, clip_per_row)
     new = tuple(v - lr * g for v, lr, g in zip(values, lrs, grads))
@@ -96,6 +99,7 @@ def inner_loop(
     create_graph: bool = False,
     checkpoint: bool = False,
     clip_per_row: bool = False,
+    check_finite: bool = True,
 ) -> InnerResult:
     """`steps` steps of SGD on `loss_fn(params, step)` over the fast weights `params`.
 
@@ -104,15 +108,19 @@ def inner_loop(
     checkpoint: recompute each inner step in the backward (non-reentrant), trading compute
         for the memory of `steps` retained graphs.
     clip_per_row: fast weights carry a leading request dim; clip each row's gradient by its own
-        global norm (see `clip_by_global_norm`).
+        global norm (see `clip_by_global_norm`). `loss_fn` may then return the (R,) per-row losses.
+    check_finite: after the last step, look once at whether every loss and update was finite.
+        False: never look (no host sync at all); `finite` says it, per row, for the caller to check
+        together with the other tasks of its meta step.
 
-    Returns the adapted weights; on a non-finite loss or gradient, the initial weights with
-    `skipped=True` (the caller counts and drops the task; the run goes on).
+    Returns the adapted weights and `finite`; when a check finds a non-finite loss or gradient, the
+    initial weights with `skipped=True` (the caller counts and drops the task; the run goes on).
     """
     names = list(params)
     values = tuple(params[n] for n in names)
     lrs = [lr[n] if isinstance(lr, dict) else lr for n in names]
     losses: list[torch.Tensor] = []
+    step_finite: list[torch.Tensor] = []  # per step, on device: reading one would stall the stream
     for step in range(steps):
         if checkpoint and create_graph:
             out = activation_checkpoint(_sgd_step, loss_fn, names, lrs, clip, clip_per_row, create_graph, step, *values,
@@ -120,9 +128,19 @@ def inner_loop(
         else:
             out = _sgd_step(loss_fn, names, lrs, clip, clip_per_row, create_graph, step, *values)
         loss, new = out[0], out[1:]
-        if not math.isfinite(loss.item()) or not all(torch.isfinite(v).all() for v in new):
-            return InnerResult(params=dict(params), losses=losses, skipped=True,
-                               reason=f"non-finite inner loss or gradient at step {step}")
+        ok = torch.isfinite(loss.detach())  # () or (R,)
+        for v in new:
+            v_ok = torch.isfinite(v.detach())
+            ok = ok & (v_ok.flatten(1).all(1) if clip_per_row else v_ok.all())
+        step_finite.append(ok)
         losses.append(loss)
         values = new
-    return InnerResult(params=dict(zip(names, values)), losses=losses)
+    rows = values[0].shape[0] if clip_per_row and values else None
+    finite = torch.ones(() if rows is None else (rows,), dtype=torch.bool, device=values[0].device if values else None)
+    for ok in step_finite:
+        finite = finite & ok
+    if check_finite and step_finite and not bool(finite.all()):  # the loop's only host sync
+        bad = int((~torch.stack([ok.all() for ok in step_finite])).nonzero()[0])
+        return InnerResult(params=dict(params), losses=losses[:bad], skipped=True, finite=finite,
+                           reason=f"non-finite inner loss or gradient at step {bad}")
+    return InnerResult(params=dict(zip(names, values)), losses=losses, finite=finite)

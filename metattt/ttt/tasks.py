@@ -146,8 +146,11 @@ def continuation_loss(f, task: Task, anchors: torch.Tensor, anchor_ok: torch.Ten
     return decayed_draft_ce(hidden, f.logits, labels, w)
 
 
-def prequential_chunks(anchors: torch.Tensor, anchor_ok: torch.Tensor, context_len: int, steps: int, step: int):
-    """Anchors of the `step`-th of `steps` equal slices of the context (TTT-E2E's prequential order)."""
+def prequential_chunks(anchors: torch.Tensor, anchor_ok: torch.Tensor, context_len: int | torch.Tensor, steps: int,
+                       step: int):
+    """Anchors of the `step`-th of `steps` equal slices of the context (TTT-E2E's prequential order).
+
+    context_len: an int, or (R, 1) per row of (R, N) anchors (tasks batched, metattt.ttt.meta)."""
     lo, hi = context_len * step // steps, context_len * (step + 1) // steps
     return anchors, anchor_ok & (anchors >= lo) & (anchors < hi)
 
