@@ -28,7 +28,7 @@ from metattt.errors import RecipeError, rewrite_hint
 
 META_ALGORITHMS = ("maml", "fomaml", "reptile")
 CONTEXT_MODES = ("random", "prompt")
-EVAL_CONDITIONS = ("target", "static", "meta_static", "ttt_zero", "ttt_meta")
+EVAL_CONDITIONS = ("target", "static", "meta_static", "ttt_zero", "ttt_meta", "online_zero", "online_meta")
 ALPHA_RULES = ("fixed", "kl")
 
 
@@ -486,6 +486,29 @@ class TTTOverrides:
 
 
 @dataclass
+class OnlineConfig:
+    """Online TTT during decoding (metattt.ttt.online): the drafter keeps learning from the tokens the
+    target commits, within one request, from the weights it started decoding with."""
+
+    every: int = 4
+    """An update after every this many verification steps (0: off)."""
+    steps: int = 1
+    """Inner SGD steps per update, from the current fast weights."""
+    window: int = 64
+    """Blocks are anchored in the most recent this many committed tokens."""
+    num_anchors: int = 16
+    """Blocks per update from that window."""
+    prompt_anchors: int = 0
+    """Blocks of the prompt mixed into every update."""
+    lr: float | None = None
+    """Scalar inner lr of the updates; None: the TTT settings' (learned lrs where exported)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.steps < 1 or self.window < 2 or self.num_anchors < 1 or self.prompt_anchors < 0:
+            raise ValueError("online: every >= 0, steps >= 1, window >= 2, num_anchors >= 1, prompt_anchors >= 0")
+
+
+@dataclass
 class MetaConfig:
     """Stage 2: bi-level meta-training of the LoRA initialization. `ttt` is what the inner loop does
     (and what test-time training does with the exported init): meta-train writes it to
@@ -674,6 +697,10 @@ class EvalConfig:
     """Meta-learned adapter; None: {out}/meta_lora."""
     output_dir: str | None = None
     """Where the report goes; None: {out}/eval."""
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    """Online TTT of the online_zero / online_meta conditions (prefill TTT, then updates while decoding)."""
+    position_bucket: int = 64
+    """τ is also reported per bucket of this many generated tokens (does τ climb as generation goes on?)."""
 
     def __post_init__(self) -> None:
         _at_least("eval.num_prompts", self.num_prompts, 1)

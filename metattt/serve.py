@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metattt.config import OnlineConfig
 from metattt.export.meta_lora import adapter_base_drafter, load_ttt_adapter
 from metattt.models.lora import copy_lora, set_lora
 from metattt.models.registry import load_drafter
 from metattt.models.target import FrozenTarget
 from metattt.spec.decode import GenerationResult, speculative_generate
 from metattt.ttt.inner import ParamDict
+from metattt.ttt.online import OnlineTTT
 from metattt.ttt.tasks import TTTConfig, prefill_ttt
 
 
@@ -79,8 +81,13 @@ class TTTSpeculator:
         rule: str = "exact",
         seed: int = 0,
         generator: torch.Generator | None = None,
+        online: bool | OnlineConfig = False,
     ) -> GenerationResult:
         """One request, (P,) or (1, P) token ids. `adapt=False` drafts with the meta init as is.
+
+        `online`: keep adapting while decoding, on the tokens the target commits (metattt.ttt.online):
+        True with the default `OnlineConfig`, or one; the updates start from the prefill-adapted
+        weights (or the init with `adapt=False`) and end with the request.
 
         `eos_token_id`: None takes the target config's. `seed` drives TTT's anchor sampling;
         `generator` the sampling at temperature > 0.
@@ -98,6 +105,10 @@ class TTTSpeculator:
                 hook = prefill_ttt(self.model, self.init, ids, self.ttt, seed, self.feature_head, [])
             else:
                 set_lora(self.model, self.init)
+            updates = None
+            if online:
+                cfg = online if isinstance(online, OnlineConfig) else OnlineConfig()
+                updates = OnlineTTT(self.model, None, self.ttt, cfg, ids.shape[1], seed, self.feature_head)
             return speculative_generate(self.target, self.model, ids, max_new_tokens, eos_token_id,
                                         temperature=temperature, top_p=top_p, rule=rule, generator=generator,
-                                        on_prefill=hook)
+                                        on_prefill=hook, online=updates)

@@ -4,6 +4,7 @@ metattt.loading, and writes under `{run.output_root}/{run.name}/`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -202,9 +203,10 @@ def evaluate(r: Recipe) -> dict | None:
     cfg = r.eval
     L.seed_everything(r.run.seed, workers=True)
     s = load_eval_stack(r.run.out_dir, r.target, r.drafter, r.lora, cfg.drafter_path, cfg.meta_lora_path, r.run.seed)
-    if s.meta_path is None and any(c in ("ttt_meta", "meta_static") for c in cfg.conditions):
-        log.warning("no meta-learned LoRA found: skipping conditions ttt_meta/meta_static")
-        cfg = replace(cfg, conditions=[c for c in cfg.conditions if c not in ("ttt_meta", "meta_static")])
+    needs_meta = ("ttt_meta", "meta_static", "online_meta")
+    if s.meta_path is None and any(c in needs_meta for c in cfg.conditions):
+        log.warning("no meta-learned LoRA found: skipping conditions %s", "/".join(needs_meta))
+        cfg = replace(cfg, conditions=[c for c in cfg.conditions if c not in needs_meta])
     plan = condition_plan(cfg, s.ttt)
     prompts = []
     for split, files in cfg.splits.items():
@@ -216,6 +218,8 @@ def evaluate(r: Recipe) -> dict | None:
             "drafter_kind": kind_of(s.model).name, "block_size": block_size, "prompt_len": cfg.prompt_len,
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "rule": cfg.rule if cfg.temperature > 0 else "greedy", "ttt_steps": cfg.ttt.apply(s.ttt).steps,
+            "position_bucket": cfg.position_bucket,
+            **({"online": dataclasses.asdict(cfg.online)} if any(c.startswith("online_") for c in cfg.conditions) else {}),
             "device": "cpu" if r.trainer.accelerator == "cpu" else r.trainer.accelerator}
     module = EvalModule(s.target, s.model, plan, s.inits, cfg, list(cfg.splits), s.tokenizer.eos_token_id, r.run.seed,
                         out_dir, meta, s.feature_head, warmup_prompt=prompts[0]["prompt"] if prompts else None)

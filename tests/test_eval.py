@@ -190,3 +190,13 @@ def test_conditions_rotate_per_prompt_and_steps_curves_collect_grid_points():
     diffs = {"s": {"ttt_meta - static": d, "ttt_meta@steps=1 - static": d, "ttt_meta@steps=1 - ttt_meta": d,
                    "ttt_zero@lr=0.1 - static": d}}
     assert steps_curves(diffs, default_steps=3) == {"s": {"ttt_meta": [(1, d), (3, d)]}}
+
+
+def test_tau_by_position_buckets_steps_by_where_their_drafts_start():
+    from metattt.eval.speculative import tau_by_position
+
+    rows = [dict(accepted=[0, 3, 3, 1], step_starts=[1, 2, 6, 10]),  # bucket 4: τ per bucket 2.5, 4, 2
+            dict(accepted=[1, 1], step_starts=[1, 3])]
+    out = tau_by_position(rows, bucket=4)
+    assert [(b["start"], b["end"], b["n"]) for b in out] == [(0, 4, 2), (4, 8, 1), (8, 12, 1)]
+    assert out[0]["tau"] == pytest.approx((2.5 + 2.0) / 2) and out[1]["tau"] == 4.0 and out[2]["tau"] == 2.0

@@ -93,3 +93,19 @@ def test_drafter_found_beside_the_adapter_from_another_working_directory(workspa
 def test_missing_adapter_says_what_to_run(tmp_path, workspace):
     with pytest.raises(FileNotFoundError, match="meta-train"):
         TTTSpeculator.from_pretrained(workspace / "target", tmp_path / "nothing")
+
+
+@pytest.mark.e2e
+def test_generate_online_is_lossless_and_starts_afresh_per_request(workspace, exported):
+    from metattt.config import OnlineConfig
+
+    spec = TTTSpeculator.from_pretrained(workspace / "target", exported / "meta_lora")
+    eos = spec.target.config.eos_token_id
+    online = OnlineConfig(every=1, steps=1, window=16, num_anchors=4)
+    a, b = _prompts(2)
+    first = spec.generate(a, max_new_tokens=20, online=online)
+    assert first.tokens == target_generate(spec.target, torch.tensor([a]), 20, eos).tokens
+    assert first.online_time > 0 and first.online_updates > 0
+    spec.generate(b, max_new_tokens=20, online=online)
+    again = spec.generate(a, max_new_tokens=20, online=online)
+    assert again.accepted == first.accepted  # the updates of b's request did not carry over

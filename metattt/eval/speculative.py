@@ -28,6 +28,7 @@ from metattt.stats import (
     paired_difference,
 )
 from metattt.ttt.inner import ParamDict
+from metattt.ttt.online import OnlineTTT
 from metattt.ttt.tasks import prefill_ttt
 
 log = logging.getLogger("metattt")
@@ -39,6 +40,8 @@ CONDITION_HELP = {
     "meta_static": "drafter with the meta-learned LoRA init, no TTT",
     "ttt_zero": "TTT on the prompt from peft's zero init (B = 0)",
     "ttt_meta": "TTT on the prompt from the meta-learned init",
+    "online_zero": "TTT on the prompt from peft's zero init, then online TTT on committed tokens while decoding",
+    "online_meta": "TTT on the prompt from the meta-learned init, then online TTT while decoding",
 }
 
 
@@ -72,7 +75,7 @@ def condition_plan(cfg: EvalConfig, base_ttt: TTTConfig) -> list[tuple[str, TTTC
     for cond in cfg.conditions:
         if cond not in CONDITIONS:
             raise ValueError(f"unknown eval condition {cond!r}; choose from {CONDITIONS}")
-        if not cond.startswith("ttt_"):
+        if not cond.startswith(("ttt_", "online_")):
             plan.append((cond, None))
             continue
         plan.append((cond, ttt))
@@ -125,17 +128,21 @@ def evaluate_prompt(
             with model.disable_adapter():
                 res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, **gen)
         else:
-            init = inits["meta" if cond in ("meta_static", "ttt_meta") else "zero"]
-            adapt = None
+            init = inits["meta" if cond.endswith("_meta") or cond == "meta_static" else "zero"]
+            adapt = online = None
             if ttt is None:
                 set_lora(model, init)
             else:  # the hook adapts from `init` and writes the result before the drafter runs
                 adapt = prefill_ttt(model, init, ids, ttt, seed, feature_head, ttt_losses)
-            res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, on_prefill=adapt, **gen)
+            if cond.startswith("online_"):  # continues from what prefill TTT wrote
+                online = OnlineTTT(model, None, ttt, cfg.online, ids.shape[1], seed, feature_head)
+            res = speculative_generate(target, model, ids, rule=cfg.rule, generator=g, on_prefill=adapt,
+                                       online=online, **gen)
         records[label] = dict(
             condition=label, tokens=res.tokens, wall_time=res.wall_time, prefill_time=res.prefill_time,
             accepted=res.accepted, position_accepted=res.position_accepted,
             position_reached=res.position_reached, ttt_time=res.adapt_time, ttt_losses=ttt_losses,
+            step_starts=res.step_starts, online_time=res.online_time,
         )
     out = [records[label] for label, _ in plan]
     reference = records.get("target", {}).get("tokens")
@@ -148,7 +155,9 @@ def evaluate_prompt(
 # --- summary & report -------------------------------------------------------------------------
 #: Paired comparisons every report leads with: (condition, baseline), each per prompt.
 COMPARISONS: tuple[tuple[str, str], ...] = (("ttt_meta", "static"), ("ttt_meta", "ttt_zero"),
-                                             ("meta_static", "static"), ("ttt_zero", "static"))
+                                             ("meta_static", "static"), ("ttt_zero", "static"),
+                                             ("online_meta", "static"), ("online_meta", "ttt_meta"),
+                                             ("online_meta", "online_zero"), ("online_zero", "static"))
 
 #: Above this, a measured speedup per unit of τ is flagged: a drafter cannot make decoding faster
 #: than the tokens it gets accepted (a timing artefact such as a warm-up paid by the baseline).
@@ -191,8 +200,25 @@ def paired_differences(records: list[dict]) -> dict[str, dict]:
     return out
 
 
-def summarize(records: list[dict]) -> dict:
-    """records: flat list with `split`, `prompt`, `condition`, ... -> per split × condition stats."""
+def tau_by_position(rows: list[dict], bucket: int) -> list[dict]:
+    """τ per bucket of generated positions: every verification step counted in the bucket of the
+    position its drafts start at; per prompt, then the mean (± s.e.) over the prompts that reach it."""
+    n_buckets = max((max(r["step_starts"]) // bucket + 1 for r in rows if r.get("step_starts")), default=0)
+    out = []
+    for b in range(n_buckets):
+        per_prompt = []
+        for r in rows:
+            steps = [a + 1 for a, start in zip(r["accepted"], r.get("step_starts") or []) if start // bucket == b]
+            if steps:
+                per_prompt.append(sum(steps) / len(steps))
+        tau, se = mean_and_stderr(per_prompt)
+        out.append({"start": b * bucket, "end": (b + 1) * bucket, "tau": tau, "tau_stderr": se, "n": len(per_prompt)})
+    return out
+
+
+def summarize(records: list[dict], bucket: int = 64) -> dict:
+    """records: flat list with `split`, `prompt`, `condition`, ... -> per split × condition stats
+    (τ also per `bucket` generated positions)."""
     out: dict[str, dict] = {}
     for split in sorted({r["split"] for r in records}):
         rows = [r for r in records if r["split"] == split]
@@ -223,6 +249,11 @@ def summarize(records: list[dict]) -> dict:
                 ttt = [r["ttt_time"] / r["prefill_time"] for r in rs if r["ttt_time"] > 0 and r["prefill_time"] > 0]
                 if ttt:
                     s["ttt_over_prefill"], _ = mean_and_stderr(ttt)
+                if any(r.get("step_starts") for r in rs):
+                    s["tau_by_position"] = tau_by_position(rs, bucket)
+                online = [r["online_time"] / r["wall_time"] for r in rs if r.get("online_time") and r["wall_time"] > 0]
+                if online:
+                    s["online_share_of_wall_time"], _ = mean_and_stderr(online)
                 checks = [r["lossless"] for r in rs if r.get("lossless") is not None]
                 if checks:
                     s["lossless"] = all(checks)
@@ -263,6 +294,16 @@ def markdown_report(splits: dict, diffs: dict, meta: dict) -> str:
     if suspect:
         lines += ["", f"⚠ speedup/τ above {SPEEDUP_OVER_TAU_LIMIT:g} ({', '.join(suspect)}): impossible for a "
                   "drafter, so these timings are not results (a timing artefact of this run)."]
+    buckets = {(split, cond): s["tau_by_position"] for split, conds in splits.items() for cond, s in conds.items()
+               if len(s.get("tau_by_position") or []) > 1}
+    if buckets:
+        width = max(len(b) for b in buckets.values())
+        first = next(iter(buckets.values()))
+        lines += ["", "## τ by generated position", "",
+                  "| split | condition | " + " | ".join(f"{b['start']}–{b['end']}" for b in first[:width]) + " |",
+                  "|---|---|" + "---|" * width]
+        for (split, cond), bs in buckets.items():
+            lines.append(f"| {split} | {cond} | " + " | ".join(fmt(b["tau"]) for b in bs) + " |" + " |" * (width - len(bs)))
     lines += ["", "Target quality beside τ (target-only continuations):", "",
               "| split | distinct-2 | distinct-4 |", "|---|---|---|"]
     for split, conds in splits.items():
@@ -358,7 +399,7 @@ def steps_curves(diffs: dict, default_steps: int | None) -> dict[str, dict[str, 
 def write_report(records: list[dict], out_dir: Path, meta: dict) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(records)
+    summary = summarize(records, meta.get("position_bucket", 64))
     diffs = paired_differences(records)
     atomic_write_json(out_dir / "report.json", {"meta": meta, "differences": diffs, "summary": summary,
                                                 "records": [{k: v for k, v in r.items() if k != "tokens"} | {

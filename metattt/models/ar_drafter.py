@@ -267,6 +267,8 @@ class ARDrafter(TargetFeatureReader):
     config_class = ARDrafterConfig
     #: LoRA targets when `lora.target_modules` is null: the cross-attention query and the MLP
     default_lora_targets = ("cross_q_proj", "gate_proj", "up_proj", "down_proj")
+    #: modules whose weights enter the cached context keys/values (an update of their LoRA rebuilds the cache)
+    context_modules = ("fc", "cross_k_proj", "cross_v_proj")
 
     def __init__(self, config: ARDrafterConfig):
         super().__init__(config, ARDrafterLayer)

@@ -147,6 +147,8 @@ class DrafterLayer(nn.Module):
 class BlockDrafter(TargetFeatureReader):
     config_class = BlockDrafterConfig
     default_lora_targets = ("fc", "q_proj", "k_proj", "v_proj")
+    #: modules whose weights enter the cached context keys/values (an update of their LoRA rebuilds the cache)
+    context_modules = ("fc", "k_proj", "v_proj")
 
     def __init__(self, config: BlockDrafterConfig):
         super().__init__(config, DrafterLayer)

@@ -44,6 +44,11 @@ class DrafterKind:
         return list(self.model_class.default_lora_targets)
 
     @property
+    def context_modules(self) -> tuple[str, ...]:
+        """Module names whose weights enter the drafter's cached context keys/values."""
+        return tuple(self.model_class.context_modules)
+
+    @property
     def drafts_with_mask_tokens(self) -> bool:
         """Whether its blocks are filled with the tokenizer's mask token (the block kind)."""
         return self.model_class is BlockDrafter

@@ -66,6 +66,9 @@ class GenerationResult:
     verify_time: float = 0.0  # seconds in target forwards after prefill (+ acceptance, cache crop)
     stop_reason: str = "length"  # "eos" | "length"
     adapt_time: float = 0.0  # seconds in `on_prefill` (prefill TTT), between prefill and decoding
+    step_starts: list[int] = field(default_factory=list)  # per step: new tokens committed before it
+    online_time: float = 0.0  # seconds in `online` updates and the context rebuilds they asked for (in wall_time)
+    online_updates: int = 0  # updates that asked for a rebuilt context cache
     # Only with `return_cache=True`: caches holding every committed position but the last token.
     target_cache: Any = field(default=None, repr=False)
     drafter_cache: Any = field(default=None, repr=False)
@@ -359,6 +362,7 @@ def speculative_generate(
     greedy_draft: bool = False,
     return_cache: bool = False,
     on_prefill: Callable[[torch.Tensor], None] | None = None,
+    online: Callable[[int, torch.Tensor, torch.Tensor], bool] | None = None,
 ) -> GenerationResult:
     """Speculative decoding of one prompt (1, P) with either drafter kind, verified by the target.
 
@@ -379,6 +383,12 @@ def speculative_generate(
     (1, P, n·H) from the prefill forward, with gradients enabled, before the drafter reads
     them: prefill TTT adapts the drafter's LoRA there, on the very forward decoding uses, so a
     TTT request costs one prefill like any other. Its time is `adapt_time` (in `wall_time`).
+
+    `online(step, ids, features)`, when given, is called after every verification step with every
+    committed token (1, L) (prompt included) and the target features of the committed positions
+    (1, L-1, n·H) — nothing else, so online TTT (metattt.ttt.online) learns from what the target
+    verified only. When it returns True (it changed weights the context cache depends on), the
+    drafter's context cache is rebuilt from the stored features, with no target work.
     """
     check_sampling_args(temperature, top_p)
     if temperature > 0:
@@ -407,11 +417,15 @@ def speculative_generate(
             on_prefill(out.features)
         adapt_time = clock() - t0
     ctx = drafter.extend_cache(None, out.features)  # positions 0..P-1
+    committed_features = [out.features] if online is not None else []  # kept only for online updates
     prefill_done = clock()
     _, done = commit_tokens(tokens, [first], eos, max_new_tokens)
 
-    draft_time = verify_time = 0.0
+    draft_time = verify_time = online_time = 0.0
+    step_starts: list[int] = []
+    rebuilds = 0
     while not done:
+        step_starts.append(len(tokens))  # new tokens committed before this step's drafts
         t0 = clock()
         last = tokens[-1]
         position = prompt.shape[1] + len(tokens) - 1  # of the last committed token = the anchor
@@ -442,12 +456,23 @@ def speculative_generate(
         t3 = clock()
         draft_time += (t1 - t0) + (t3 - t2)
         verify_time += t2 - t1
+        if online is not None and not done:
+            committed_features.append(out.features[:, :m])
+            features = torch.cat(committed_features, 1)  # (1, P + len(tokens) - 1, n·H)
+            ids = torch.cat([prompt, prompt.new_tensor([tokens])], 1)  # (1, P + len(tokens))
+            with torch.enable_grad():
+                rebuild = online(len(accepted) - 1, ids, features)
+            if rebuild:
+                ctx = drafter.extend_cache(None, features)
+                rebuilds += 1
+            online_time += clock() - t3
 
     end = clock()
     return GenerationResult(
         tokens=tokens, num_steps=len(accepted), accepted=accepted, position_accepted=pos_acc,
         position_reached=pos_reach, prefill_time=prefill_done - start - adapt_time, wall_time=end - start,
-        draft_time=draft_time, verify_time=verify_time, adapt_time=adapt_time,
+        draft_time=draft_time, verify_time=verify_time, adapt_time=adapt_time, step_starts=step_starts,
+        online_time=online_time, online_updates=rebuilds,
         stop_reason="eos" if tokens[-1] in eos else "length",
         target_cache=cache if return_cache else None, drafter_cache=ctx if return_cache else None,
     )
