@@ -449,7 +449,9 @@ class TTTConfig:
             known["objective"] = TTTObjective(**known.get("objective", {}))
             return cls(**known)
         except RecipeError as e:
-            raise RecipeError(f"{path}: {str(e).replace('meta.ttt.', '')}; {rewrite_hint(path)}") from e
+            # written by a meta-train whose learned lrs were free to go negative, or edited by hand
+            raise RecipeError(f"{path}: {str(e).replace('meta.ttt.', '')}; `metattt meta-train` writes it: run "
+                              "meta-train again") from e
         except (ValueError, TypeError) as e:
             raise RecipeError(f"{path} is not a readable ttt_config.json ({e}): {rewrite_hint(path)}") from e
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from metattt.config import DataConfig, DrafterConfig, LoraConfig, TargetConfig, TTTConfig
 from metattt.data.tokenizer import load_tokenizer, mask_token_id
+from metattt.errors import RecipeError
 from metattt.export.meta_lora import adapter_base_drafter, load_ttt_adapter
 from metattt.models.lora import add_lora, copy_lora
 from metattt.models.registry import kind_named, kind_of, load_drafter
@@ -96,9 +97,9 @@ def build_datamodule(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed:
     try:
         dm.setup("fit")
     except ValueError as e:
-        if dm.num_dropped.get("train"):  # there were sequences, all too short for a block
-            raise ValueError(f"{e}. Sequences shorter than drafter.block_size + 1 = {block_size + 1} tokens hold "
-                             "no block and are dropped.") from e
+        if dm.num_too_short.get("train"):  # some had a trained token, but no room for a block
+            raise ValueError(f"{e}, and min_length is at least drafter.block_size + 1 = {block_size + 1} (a shorter "
+                             "sequence holds no block): use longer records or a smaller drafter.block_size") from e
         raise
     return dm
 
@@ -140,17 +141,29 @@ class EvalStack:
 
 
 def load_eval_stack(out_dir: Path, target_cfg: TargetConfig, drafter_cfg: DrafterConfig, lora: LoraConfig,
-                    drafter_path: str | None, meta_lora_path: str | None, seed: int) -> EvalStack:
+                    drafter_path: str | None, meta_lora_path: str | None, seed: int,
+                    section: str = "eval") -> EvalStack:
     """The target, its tokenizer, the drafter with its meta-learned adapter (`meta_lora_path`, default
     `{out}/meta_lora`) or fresh LoRA, the exported TTT settings and the LoRA inits.
 
     By default the drafter is the adapter's base (the meta-trained drafter when meta-training
-    updated the base), else `{out}/drafter`.
+    updated the base), else `{out}/drafter`. A path given explicitly (`{section}.meta_lora_path`,
+    `{section}.drafter_path`) must hold what it names; only the default adapter location may be
+    empty (then there is no meta-learned init, and the conditions that need one are left out).
     """
     meta_path = Path(meta_lora_path) if meta_lora_path else out_dir / "meta_lora"
     has_meta = (meta_path / "adapter_config.json").is_file()
+    if meta_lora_path and not has_meta:
+        raise RecipeError(f"{section}.meta_lora_path={meta_lora_path}: no peft adapter there (no adapter_config.json): "
+                          "point it at a folder `metattt meta-train` wrote (<run>/meta_lora/), or leave it unset "
+                          f"to use {out_dir / 'meta_lora'} when it exists")
+    if not has_meta:
+        log.info("no meta-learned adapter at %s: evaluating without a meta-learned init", meta_path)
     path = Path(drafter_path) if drafter_path else \
         (adapter_base_drafter(meta_path) if has_meta else None) or out_dir / "drafter"
+    if drafter_path and not (path / "config.json").is_file():
+        raise RecipeError(f"{section}.drafter_path={drafter_path}: no drafter there (no config.json): point it at "
+                          "a drafter folder (`metattt distill` writes <run>/drafter/), or leave it unset")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no drafter at {path}: run `make distill` (and `make meta-train`) first")
     target = load_target(target_cfg, drafter_cfg.num_hidden_layers)

@@ -88,3 +88,179 @@ def test_a_checkpoint_from_before_the_log_parametrization_resumes_as_the_same_lr
     torch.testing.assert_close(module.inner_lrs.detach(), lrs)
     with pytest.raises(RecipeError, match="run.resume=false"):
         module.on_load_checkpoint({"state_dict": {"inner_lrs": -lrs}})
+
+
+# --- layer taps -------------------------------------------------------------------------------------
+def test_default_layer_taps_are_distinct_or_refused_saying_how_many_layers_they_need():
+    from metattt.models.target import default_target_layer_ids, validate_layer_ids
+
+    assert default_target_layer_ids(4, 2) == [1, 2]  # DFlash's 1..L-3 would repeat layer 1
+    assert default_target_layer_ids(5, 3) == [1, 2, 3]
+    for layers in range(2, 40):
+        for n in range(1, 6):
+            try:
+                ids = default_target_layer_ids(layers, n)
+            except ValueError as e:
+                assert f"at least {n + 3}" in str(e) and f"this target has {layers}" in str(e) and layers < n
+                continue
+            assert len(set(ids)) == n and all(0 <= i < layers for i in ids), (layers, n, ids)
+            if 1 < n <= layers - 1:  # the layer after the final norm is tapped only when there is no other way
+                assert max(ids) < layers - 1, (layers, n, ids)
+    with pytest.raises(ValueError, match=r"target.layer_ids \[1, 1\] repeat"):
+        validate_layer_ids([1, 1], 4)
+
+
+# --- target.path: a local folder first, a hub id only with a network -----------------------------
+def test_a_missing_relative_target_is_a_missing_folder_unless_a_network_exists(monkeypatch, tmp_path):
+    import metattt.models.target as target_mod
+
+    real_probe = target_mod.hub_reachable
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:  # HF_HUB_OFFLINE=1 (conftest): no network
+        target_mod.resolve_target_path("nonexistent/target")
+    assert str(e.value).startswith("target.path=nonexistent/target: no local folder `nonexistent/target` "
+                                   "(and no network to try it as a hub id)")
+    monkeypatch.setattr(target_mod, "hub_reachable", lambda timeout=3.0: True)
+    assert target_mod.resolve_target_path("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"
+    with pytest.raises(FileNotFoundError, match="no local folder `./Qwen/Qwen3-4B`, so no config.json"):
+        target_mod.resolve_target_path("./Qwen/Qwen3-4B")  # a path, never a hub id
+    (tmp_path / "Qwen" / "Qwen3-4B").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="the folder has no config.json"):
+        target_mod.resolve_target_path("Qwen/Qwen3-4B")  # the local folder wins
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not real_probe()
+
+
+# --- data files ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, text, line", [
+    ("bad.jsonl", '{"text": "a"}\n\n{"text": "b"}\n{"text": "c",\n{"text": "d"}\n', 4),
+    ("bad.json", '[\n  {"text": "a"},\n  {"text": "b"\n]\n', 4),
+])
+def test_an_invalid_json_line_is_named_with_file_and_line(tmp_path, name, text, line):
+    from metattt.data.text import load_records
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_records(str(tmp_path / name))
+    assert str(e.value).startswith(f"{tmp_path / name}: line {line}: invalid JSON ("), str(e.value)
+
+
+def test_an_invalid_task_line_is_named_with_file_and_line(tmp_path):
+    from metattt.clbench import load_tasks
+
+    (tmp_path / "tasks.jsonl").write_text('{"id": "a", "context": "c", "questions": []}\n{"id": \n')
+    with pytest.raises(RecipeError, match=r"tasks.jsonl: line 2: invalid JSON"):
+        load_tasks(tmp_path / "tasks.jsonl")
+
+
+# --- truncated weights ----------------------------------------------------------------------------------
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def test_truncated_drafter_and_adapter_files_are_named_with_the_stage_that_writes_them(workspace, tmp_path):
+    from metattt.config import DrafterConfig, TargetConfig
+    from metattt.errors import CorruptFileError
+    from metattt.export.meta_lora import export_meta_lora
+    from metattt.loading import build_drafter, load_target, load_tokenizer
+    from metattt.models.lora import add_lora
+    from metattt.models.registry import load_drafter
+    from metattt.serve import TTTSpeculator
+
+    target = load_target(TargetConfig(path=str(workspace / "target")), 2)
+    tok = load_tokenizer(workspace / "target")
+    run = tmp_path / "run"
+    for kind in ("block", "autoregressive"):
+        drafter = build_drafter(DrafterConfig(kind=kind, num_hidden_layers=1, block_size=4), target, tok)
+        drafter.save_pretrained(run / kind / "drafter")
+        drafter.save_pretrained(run / kind / "intact")
+        export_meta_lora(add_lora(drafter, r=2, alpha=4), run / kind / "meta_lora", TTTConfig(steps=1),
+                         run / kind / "drafter")
+        _truncate(run / kind / "drafter" / "model.safetensors")
+        with pytest.raises(CorruptFileError) as e:
+            load_drafter(run / kind / "drafter")
+        assert str(e.value).startswith(f"{run / kind / 'drafter' / 'model.safetensors'} is truncated or corrupt")
+        assert "`metattt distill` writes it" in str(e.value)
+        with pytest.raises(CorruptFileError, match="drafter/model.safetensors is truncated or corrupt"):
+            TTTSpeculator.from_pretrained(workspace / "target", run / kind / "meta_lora")
+    _truncate(run / "block" / "meta_lora" / "adapter_model.safetensors")
+    with pytest.raises(CorruptFileError) as e:
+        TTTSpeculator.from_pretrained(workspace / "target", run / "block" / "meta_lora",
+                                      drafter_path=run / "block" / "intact")
+    assert "meta_lora/adapter_model.safetensors is truncated or corrupt" in str(e.value)
+    assert "`metattt meta-train` writes it" in str(e.value)
+
+
+def test_check_safetensors_accepts_an_intact_file_and_names_a_padded_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from metattt.errors import CorruptFileError, check_safetensors
+
+    path = tmp_path / "serve" / "static" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file({"w": torch.ones(3, 4)}, str(path))
+    check_safetensors(path)
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(CorruptFileError, match="`metattt export` writes it"):
+        check_safetensors(path)
+    path.write_bytes(b"\x01\x02")
+    with pytest.raises(CorruptFileError, match="shorter than the 8-byte header length"):
+        check_safetensors(path)
+
+
+# --- an explicitly given adapter must exist ------------------------------------------------------------
+def test_an_explicit_meta_lora_path_must_hold_an_adapter(tmp_path):
+    from metattt.config import DrafterConfig, LoraConfig, TargetConfig
+    from metattt.loading import load_eval_stack
+
+    (tmp_path / "empty").mkdir()
+    for section in ("eval", "guided"):
+        with pytest.raises(RecipeError, match=f"^{section}.meta_lora_path=.*empty: no peft adapter there"):
+            load_eval_stack(tmp_path, TargetConfig(path=str(tmp_path / "nowhere")), DrafterConfig(), LoraConfig(),
+                            None, str(tmp_path / "empty"), 0, section=section)
+
+
+# --- CL-bench: evaluation only ---------------------------------------------------------------------------
+def test_ttt_on_clbench_rows_is_refused_quoting_the_licence_unless_opted_in(tmp_path):
+    from metattt.clbench import CLBENCH_RESTRICTION
+    from metattt.config import GuidedConfig
+    from metattt.eval.guided import load_guided_tasks
+
+    assert CLBENCH_RESTRICTION == ("must not be used for training, fine-tuning, calibrating, distilling, adapting, "
+                                   "or any form of parameter updating")
+    row = {"messages": [{"role": "user", "content": "Rule: x is 3.\n\nWhat is x?"}], "rubrics": ["3"],
+           "metadata": {"task_id": "a", "context_category": "rules"}}
+    (tmp_path / "cl.jsonl").write_text(json.dumps(row) + "\n")
+    ours = {"id": "o", "category": "rules", "context": "x is 3", "questions": [{"question": "x?", "answer": "3"}]}
+    (tmp_path / "ours.jsonl").write_text(json.dumps(ours) + "\n")
+    tasks = str(tmp_path / "cl.jsonl")
+    for adapting in (dict(ttt_modes=[False, True], refine_rounds=0), dict(ttt_modes=[False], refine_rounds=1)):
+        with pytest.raises(RecipeError) as e:
+            load_guided_tasks(GuidedConfig(tasks=tasks, **adapting), 0)
+        assert f'"{CLBENCH_RESTRICTION}"' in str(e.value)
+        assert "guided.allow_ttt_on_clbench_rows_despite_licence=true" in str(e.value)
+        opted_in = GuidedConfig(tasks=tasks, allow_ttt_on_clbench_rows_despite_licence=True, **adapting)
+        assert len(load_guided_tasks(opted_in, 0)) == 1
+    assert len(load_guided_tasks(GuidedConfig(tasks=tasks, ttt_modes=[False], refine_rounds=0), 0)) == 1
+    assert len(load_guided_tasks(GuidedConfig(tasks=str(tmp_path / "ours.jsonl")), 0)) == 1  # not CL-bench
+
+
+# --- build-target says what it will do before it does it -------------------------------------------------
+def test_build_target_prints_its_plan_before_it_starts(monkeypatch, tmp_path, capsys):
+    import metattt.tiny as tiny
+    from metattt.config import CorpusConfig, TinyTargetConfig
+
+    events = []
+    monkeypatch.setattr(tiny, "ensure_corpus", lambda cfg, *a: events.append(("corpus", capsys.readouterr().err))
+                        or tmp_path / "corpus")
+    monkeypatch.setattr(tiny, "train_tokenizer", lambda *a, **k: "tok")
+    monkeypatch.setattr(tiny, "corpus_files", lambda *a: [])
+    monkeypatch.setattr(tiny, "count_tokens", lambda *a: None)
+    monkeypatch.setattr(tiny, "train_target", lambda *a, **k: events.append(("train", "")))
+    out = tmp_path / "my_target"
+    tiny.build_target(out, CorpusConfig(dir=str(tmp_path / "corpus")), TinyTargetConfig(max_steps=123))
+    assert [e[0] for e in events] == ["corpus", "train"]
+    plan = events[0][1]  # printed before the corpus, the first thing built
+    assert plan.startswith(f"metattt build-target: building the embedded target into {out}")
+    assert "trained for 123 steps" in plan and "time: " in plan and "Ctrl-C stops it" in plan
+    assert f"the corpus from this machine's Python installation, into {tmp_path / 'corpus'}" in plan

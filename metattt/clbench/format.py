@@ -22,6 +22,9 @@ prompt, then a user turn holding context and task —, `rubrics`, `metadata` wit
 `prompt_style` "chat", the conversation kept in `metadata["messages"]`, the rubrics as the
 question's rubric. They have no checkable answer, so only a rubric (endpoint) judge grades them.
 
+CL-bench's licence allows evaluation only (`CLBENCH_RESTRICTION`): `check_clbench_licence` refuses
+to adapt a drafter on its rows (TTT is parameter updating) unless the caller opts in explicitly.
+
 `render_prompt` turns (task, question) into the text the model continues:
 
 - `qa`:   "{context}\\n\\nQuestion: {question}\\nAnswer:"
@@ -37,7 +40,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metattt.errors import RecipeError
+
 PROMPT_STYLES = ("qa", "code", "chat")
+CLBENCH_SOURCE = "cl-bench"
+#: The restriction in the tencent/CL-bench dataset card's licence (evaluation, testing and benchmarking only).
+CLBENCH_RESTRICTION = ("must not be used for training, fine-tuning, calibrating, distilling, adapting, or any form "
+                       "of parameter updating")
 
 
 @dataclass
@@ -107,8 +116,23 @@ def from_clbench_row(row: dict, index: int = 0) -> CLTask:
     return CLTask(
         id=task_id, category=str(meta.get("context_category") or "uncategorized"), context=context,
         questions=[Question(question=str(messages[-1].get("content", "")), rubric=rubrics)],
-        system=system, prompt_style="chat", metadata={**meta, "messages": messages, "source": "cl-bench"},
+        system=system, prompt_style="chat", metadata={**meta, "messages": messages, "source": CLBENCH_SOURCE},
     )
+
+
+def check_clbench_licence(tasks: list[CLTask], adapts: bool, allowed: bool, what: str, opt_in: str) -> None:
+    """Refuse to adapt parameters on CL-bench rows: their licence forbids "any form of parameter
+    updating", and test-time training on a row's context is one. Evaluating without TTT is allowed.
+
+    `adapts`: whether the run updates the drafter on the tasks (`what` says how, for the message);
+    `allowed`: the explicit opt-in (`opt_in` names it).
+    """
+    rows = sum(t.metadata.get("source") == CLBENCH_SOURCE for t in tasks)
+    if adapts and rows and not allowed:
+        raise RecipeError(
+            f"{rows} of the tasks are CL-bench rows, and CL-bench's licence (the tencent/CL-bench dataset card) "
+            f"says its data \"{CLBENCH_RESTRICTION}\"; {what} adapts the drafter's parameters on them. Evaluate "
+            f"them without TTT, or set {opt_in}=true only where you hold other rights to the data")
 
 
 def load_tasks(path: str | Path | list[str | Path]) -> list[CLTask]:
@@ -125,10 +149,20 @@ def load_tasks(path: str | Path | list[str | Path]) -> list[CLTask]:
     tasks: list[CLTask] = []
     for f in files:
         if f.suffix == ".json":
-            data = json.loads(f.read_text())
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{f}: line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
             rows = data if isinstance(data, list) else data.get("tasks", [data])
         else:
-            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            rows = []
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise RecipeError(f"{f}: line {n}: invalid JSON ({e.msg}, column {e.colno}): fix or "
+                                          "remove that line (one task per line)") from e
         for i, row in enumerate(rows):
             try:
                 tasks.append(from_clbench_row(row, len(tasks)) if "messages" in row and "questions" not in row

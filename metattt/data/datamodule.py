@@ -129,8 +129,12 @@ class SequenceDataModule(L.LightningDataModule):
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self._prepared: tuple[datasets.Dataset, datasets.Dataset] | None = None
+        self._unfiltered: dict[str, datasets.Dataset] = {}  # tokenized, before filtering (Arrow: no copy)
         #: sequences removed by ``min_length`` or for having no training target, per split
         self.num_dropped: dict[str, int] = {}
+        #: of those, the ones removed only for their length (they had a training target); counted
+        #: when no training sequence is left, to say why
+        self.num_too_short: dict[str, int] = {}
 
     # ---------------------------------------------------------------- tokenizer facts
 
@@ -173,6 +177,7 @@ class SequenceDataModule(L.LightningDataModule):
                 len(ids) >= min_length and any(m) for ids, m in zip(batch["input_ids"], batch["loss_mask"])
             ]
 
+        self._unfiltered[name] = ds
         ds = ds.filter(keep, batched=True, num_proc=self.num_proc, desc=f"filtering {name}")
         self.num_dropped[name] = before - len(ds)
         if self.num_dropped[name]:
@@ -194,13 +199,31 @@ class SequenceDataModule(L.LightningDataModule):
         train = self._tokenize(train_records, "train")
         val = self._tokenize(val_records, "val") if len(val_records) else val_records
         if len(train) == 0:
-            raise ValueError(
-                f"no sequences: check train_files / min_length / max_length "
-                f"(train_files={self.train_files!r}, {len(train_records)} records, "
-                f"min_length={self.min_length}, max_length={self.max_length}, pack={self.pack}; "
-                f"{self.num_dropped.get('train', 0)} sequences were dropped)"
-            )
+            raise ValueError(self._no_sequences(len(train_records)))
         return train, val
+
+    def _no_sequences(self, records: int) -> str:
+        """Why no training sequence is left, with only the reasons that happened."""
+        head = (f"no sequences: check train_files / min_length / max_length (data.train_files={self.train_files!r}, "
+                f"{records} record{'s' * (records != 1)})")
+        if records == 0:
+            return f"{head} holds no records: point data.train_files at real data"
+        unfiltered = self._unfiltered.get("train")
+        made = len(unfiltered) if unfiltered is not None else 0
+        min_length = max(self.min_length, 1)
+        short = sum(len(ids) < min_length and any(m) for ids, m in zip(unfiltered["input_ids"], unfiltered["loss_mask"])
+                    ) if made else 0
+        self.num_too_short["train"] = short
+        reasons = []
+        if made == 0 and self.pack:
+            reasons.append(f"packing (data.pack=true) cuts chunks of exactly data.max_length={self.max_length} tokens "
+                           "and the records do not fill one: lower data.max_length or set data.pack=false")
+        if made - short:
+            reasons.append(f"{made - short} sequences have no trained token (chat records without an assistant "
+                           "turn: only assistant tokens are trained)")
+        if short:
+            reasons.append(f"{short} sequences are shorter than min_length={self.min_length} tokens")
+        return f"{head}: " + "; ".join(reasons or ["none survived tokenization"])
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and fills the `datasets` cache, so the other

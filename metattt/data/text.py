@@ -13,7 +13,11 @@ next to the loaded files and a second run (or the other ranks of a DDP job) reus
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import json
+import lzma
 import os
 import re
 import warnings
@@ -24,8 +28,11 @@ import datasets
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
+from metattt.errors import RecipeError
+
 __all__ = [
     "SUPPORTED_EXTENSIONS",
+    "check_sources",
     "load_records",
     "normalize_messages",
     "tokenize_chat",
@@ -121,6 +128,56 @@ def _expand_local(source: str) -> list[str]:
     return files
 
 
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _json_error(files: list[str]) -> str | None:
+    """Where the first of `files` stops being valid JSON (file, line, the parser's error), or None:
+    datasets reports a bad line as "An error occurred while generating the dataset", naming neither.
+    A `.jsonl` file is read line by line, a `.json` file as one document (a list or an object), and
+    as JSON lines when it is not one."""
+    for f in files:
+        suffix = os.path.splitext(f)[1].lower()
+        if suffix not in _OPENERS and suffix not in (".json", ".jsonl"):
+            continue  # zstd / lz4: no reader in the standard library; datasets' message stands
+        try:
+            with _OPENERS.get(suffix, open)(f, "rt", encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{f}: cannot be read as UTF-8 text ({e})"
+        if _extension(f) == ".json":
+            try:
+                json.loads(text)
+                continue
+            except json.JSONDecodeError as whole:
+                first = next((line for line in text.splitlines() if line.strip()), "")
+                try:
+                    json.loads(first)  # a first line that parses alone: JSON lines in a .json file
+                except json.JSONDecodeError:
+                    return (f"{f}: line {whole.lineno}: invalid JSON ({whole.msg}, column {whole.colno}): "
+                            "fix the file or remove it from the data")
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    return (f"{f}: line {n}: invalid JSON ({e.msg}, column {e.colno}): fix or remove that line "
+                            "(one JSON object per line)")
+    return None
+
+
+def check_sources(source: str | Sequence[str], key: str) -> None:
+    """Every local source of `source` exists and names readable files (a hub dataset name is left to
+    the hub); the error names the recipe `key`. Reads no file: a stage calls it before building anything."""
+    for s in [source] if isinstance(source, str) else list(source):
+        if not _looks_local(s) or _is_saved_dataset(os.path.expanduser(s)):
+            continue
+        try:
+            _expand_local(s)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{key}: {e}") from e
+
+
 def _is_saved_dataset(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
 
@@ -167,7 +224,8 @@ def load_records(
 
     Raises:
         FileNotFoundError: a local path or glob that matches nothing.
-        ValueError: a file with an extension that cannot be read.
+        ValueError: a file with an extension that cannot be read; a json/jsonl file with an invalid
+            line (RecipeError naming the file, the line and the JSON error).
     """
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
@@ -211,7 +269,10 @@ def load_records(
 
         try:
             parts.append(load(files))
-        except DatasetGenerationError:
+        except DatasetGenerationError as e:
+            bad = _json_error(files) if builder == "json" else None
+            if bad:
+                raise RecipeError(bad) from e
             if len(files) == 1:
                 raise
             # Files whose schemas differ (`messages` next to ShareGPT `conversations`) cannot share

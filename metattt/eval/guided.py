@@ -21,10 +21,14 @@ log = logging.getLogger("metattt")
 
 
 def load_guided_tasks(cfg: GuidedConfig, seed: int):
-    from metattt.clbench import load_tasks, make_synthetic_tasks
+    from metattt.clbench import check_clbench_licence, load_tasks, make_synthetic_tasks
 
     if cfg.tasks:
         tasks = load_tasks(cfg.tasks)
+        check_clbench_licence(tasks, any(cfg.ttt_modes) or cfg.refine_rounds > 0,
+                              cfg.allow_ttt_on_clbench_rows_despite_licence,
+                              "TTT (guided.ttt_modes with true, or guided.refine_rounds > 0)",
+                              "guided.allow_ttt_on_clbench_rows_despite_licence")
     else:
         tasks = make_synthetic_tasks(cfg.synthetic_categories, cfg.synthetic_tasks, cfg.synthetic_questions, seed)
     if cfg.max_tasks is not None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from metattt.atomic import atomic_dir
 from metattt.config import TTTConfig
+from metattt.errors import check_safetensors
 from metattt.models.base import set_attn_implementation
 
 TTT_CONFIG_NAME = "ttt_config.json"
@@ -41,10 +42,22 @@ def load_meta_lora(drafter: nn.Module, path: Path, is_trainable: bool = True
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no peft adapter at {path} (expected adapter_config.json): run meta-train first")
+    check_meta_lora_files(path)
     model = PeftModel.from_pretrained(drafter, str(path), is_trainable=is_trainable)
     ttt = TTTConfig.load(path / TTT_CONFIG_NAME) if (path / TTT_CONFIG_NAME).is_file() else TTTConfig()
     extra = load_file(str(path / EXTRA_WEIGHTS_NAME)) if (path / EXTRA_WEIGHTS_NAME).is_file() else {}
     return model, ttt, extra
+
+
+def check_meta_lora_files(path: str | Path) -> None:
+    """The adapter folder's weights and TTT settings are intact and usable (peft and safetensors
+    name neither the file nor a fix); cheap: only headers and the small JSON are read."""
+    path = Path(path)
+    for name in ("adapter_model.safetensors", EXTRA_WEIGHTS_NAME):
+        if (path / name).is_file():
+            check_safetensors(path / name)
+    if (path / TTT_CONFIG_NAME).is_file():
+        TTTConfig.load(path / TTT_CONFIG_NAME)
 
 
 def adapter_base_drafter(meta_path: str | Path) -> Path | None:

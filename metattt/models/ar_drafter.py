@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from metattt.atomic import atomic_dir
+from metattt.errors import check_safetensors
 from metattt.models.base import (
     MLP,
     BaseDrafterConfig,
@@ -404,6 +405,7 @@ class ARDrafter(TargetFeatureReader):
         config = ARDrafterConfig.from_pretrained(path)
         config.extra.pop("torch_dtype", None)
         config.attn_implementation = attn_implementation
+        check_safetensors(path / "model.safetensors")  # a truncated file: name it and the stage that writes it
         state = load_file(str(path / "model.safetensors"))
         model = cls(config)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -53,6 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from metattt.atomic import atomic_dir
+from metattt.errors import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,7 @@ def load_dflash_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Drafter weights by their unprefixed names, as stored (dtype unchanged)."""
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
+        check_safetensors(f)  # a truncated file: name it and the stage that writes it again
         with safe_open(str(f), framework="pt") as sf:
             for k in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
                 state[k] = sf.get_tensor(k)

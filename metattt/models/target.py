@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import re
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -24,26 +29,98 @@ log = logging.getLogger(__name__)
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
     """DFlash's rule: rounded linspace from layer 1 to layer L-3 over the drafter's layers.
 
-    For a 36-layer Qwen3-4B/8B and a 5-layer drafter this gives [1, 9, 17, 25, 33].
+    For a 36-layer Qwen3-4B/8B and a 5-layer drafter this gives [1, 9, 17, 25, 33]. A target too
+    shallow for n distinct taps in 1..L-3 (fewer than n + 3 layers) is tapped over 1..L-2 instead
+    (4 layers, 2 taps: [1, 2]), then 0..L-2, then 0..L-1; the ids are always distinct, and a target
+    with fewer layers than taps is refused.
     """
-    if num_target_layers < 2:
-        raise ValueError(f"the target needs at least 2 decoder layers, it has {num_target_layers}")
-    if num_draft_layers == 1:
-        return [num_target_layers // 2]
-    start, end = 1, max(1, num_target_layers - 3)
-    span = end - start
-    return [int(round(start + i * span / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+    L, n = num_target_layers, num_draft_layers
+    if L < 2:
+        raise ValueError(f"the target needs at least 2 decoder layers, it has {L}")
+    if n == 1:
+        return [L // 2]
+
+    def spread(start: int, end: int) -> list[int]:
+        return [int(round(start + i * (end - start) / (n - 1))) for i in range(n)]
+
+    ids = spread(1, max(1, L - 3))
+    if len(set(ids)) == n:
+        return ids
+    if n > L:
+        raise ValueError(
+            f"the default layer taps need {n} distinct decoder layers (one per drafter layer; DFlash's rule, layers "
+            f"1..L-3, needs a target of at least {n + 3}), and this target has {L}: set target.layer_ids "
+            f"(distinct ids in 0..{L - 1}) or lower drafter.num_hidden_layers to at most {L}")
+    # Layer L-1 is left out while it can be, as in DFlash: transformers returns it after the final norm.
+    start, end = (1, L - 2) if L - 2 >= n else (0, L - 2) if L - 1 >= n else (0, L - 1)
+    log.warning("DFlash's layer rule needs %d target layers for %d distinct taps; this target has %d: tapping "
+                "layers %d..%d instead", n + 3, n, L, start, end)
+    return spread(start, end)
 
 
 def validate_layer_ids(layer_ids: list[int], num_target_layers: int) -> None:
     if not layer_ids:
-        raise ValueError("target_layer_ids is empty: give at least one decoder layer index")
+        raise ValueError("target.layer_ids is empty: give at least one decoder layer index")
     bad = [i for i in layer_ids if not 0 <= i < num_target_layers]
     if bad:
         raise ValueError(
-            f"target_layer_ids {bad} out of range: the target has {num_target_layers} decoder layers "
+            f"target.layer_ids {bad} out of range: the target has {num_target_layers} decoder layers "
             f"(valid ids 0..{num_target_layers - 1})"
         )
+    repeated = sorted({i for i in layer_ids if list(layer_ids).count(i) > 1})
+    if repeated:
+        raise ValueError(f"target.layer_ids {list(layer_ids)} repeat layer(s) {repeated}: a second tap of the same "
+                         "layer adds no information; give distinct ids")
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a hub id can be tried at all: not in offline mode (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE),
+    nor when the hub's host does not answer within `timeout` (no network). The probe runs in a
+    thread because a name lookup on a machine without a network ignores socket timeouts."""
+    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if not url.hostname:
+        return False
+    port = url.port or (80 if url.scheme == "http" else 443)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def resolve_target_path(path: str | Path, key: str = "target.path") -> str:
+    """A local checkpoint folder (tried first), or a hub id `org/name` where a network exists.
+
+    Raises:
+        FileNotFoundError: naming `key` and the path: no such local folder (and, for a name that
+            could be a hub id, no network to try it), or a folder without config.json.
+    """
+    text = str(path)
+    local = Path(text).expanduser()
+    if (local / "config.json").is_file():
+        return str(local)
+    fix = (f"point {key} at a transformers model folder (config.json, weights, tokenizer; relative paths are "
+           f"from {os.getcwd()})")
+    if local.exists():
+        raise FileNotFoundError(f"{key}={text}: the folder has no config.json: {fix}")
+    could_be_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is not None
+    if could_be_hub_id and hub_reachable():
+        return text
+    why = " (and no network to try it as a hub id)" if could_be_hub_id else ""
+    raise FileNotFoundError(f"{key}={text}: no local folder `{text}`{why}, so no config.json: {fix}")
 
 
 @dataclass
@@ -104,18 +181,12 @@ class FrozenTarget(nn.Module):
         attn_implementation: str | None = "sdpa",
         **kwargs,
     ) -> FrozenTarget:
-        """Load a local checkpoint folder, or a hub id (`org/name`) where a network exists."""
-        local = Path(path).expanduser()
-        is_hub_id = not local.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
-        if not is_hub_id and not (local / "config.json").is_file():
-            raise FileNotFoundError(
-                f"target checkpoint not found: {path!s} has no config.json. Point `target_path` at a "
-                "transformers model folder (the tiny recipe builds one under checkpoints/tiny/target/)."
-            )
+        """Load a local checkpoint folder (tried first), or a hub id (`org/name`) where a network exists."""
+        source = resolve_target_path(path)
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path) if is_hub_id else str(local),
+            source,
             dtype=dtype,
             attn_implementation=attn_implementation,
             **kwargs,
@@ -143,7 +214,8 @@ class FrozenTarget(nn.Module):
 
         local = Path(path).expanduser()
         if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"target checkpoint not found: {path!s} has no config.json")
+            raise FileNotFoundError(f"target.path={path!s} has no config.json: training on data.feature_cache loads "
+                                    "the target's embedding and head from a local folder")
         config = AutoConfig.from_pretrained(str(local))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from metattt.config import CorpusConfig, TinyTargetConfig
 from metattt.tiny.corpus import REPORT_NAME as CORPUS_REPORT
 from metattt.tiny.corpus import build_corpus, corpus_files, count_tokens
 from metattt.tiny.tokenizer import train_tokenizer
-from metattt.tiny.train import REPORT_NAME, file_sha256, train_target
+from metattt.tiny.train import REPORT_NAME, STATE_NAME, file_sha256, train_target
 
 log = logging.getLogger("metattt.tiny")
 
-__all__ = ["CorpusConfig", "TinyTargetConfig", "build_target", "ensure_corpus", "verify_shipped_target",
-           "REPORT_NAME"]
+__all__ = ["CorpusConfig", "TinyTargetConfig", "build_plan", "build_target", "ensure_corpus",
+           "verify_shipped_target", "REPORT_NAME"]
 
 
 def ensure_corpus(cfg: CorpusConfig, tokenizer_path: str | Path | None = None) -> Path | None:
@@ -41,6 +42,40 @@ def ensure_corpus(cfg: CorpusConfig, tokenizer_path: str | Path | None = None) -
     return corpus
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{max(1, round(seconds / 60))} min"
+
+
+def build_plan(out_dir: Path, corpus: CorpusConfig, config: TinyTargetConfig | None = None) -> str:
+    """What `build_target` is about to do: what it builds, where, roughly how long, how to stop it.
+    A mistyped folder would otherwise start a long build silently."""
+    cfg = config or TinyTargetConfig()
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".work")
+    steps = [f"building the embedded target into {out_dir} (work files in {work})"]
+    if not (Path(corpus.dir) / CORPUS_REPORT).is_file():
+        steps.append(f"the corpus from this machine's Python installation, into {corpus.dir}")
+    if not (work / "tokenizer" / "tokenizer.json").is_file():
+        steps.append(f"a {cfg.vocab_size}-token byte-level BPE tokenizer")
+    tokens = cfg.max_steps * cfg.batch_size * cfg.seq_len
+    state = work / STATE_NAME
+    steps.append(f"a Qwen3-style LM ({cfg.num_layers} layers, width {cfg.hidden_size}) trained for {cfg.max_steps} "
+                 f"steps of {cfg.batch_size} x {cfg.seq_len} tokens" + (f", resuming from {state}" if state.is_file()
+                                                                        else ""))
+    report = out_dir / REPORT_NAME
+    earlier = json.loads(report.read_text()) if report.is_file() else {}
+    if earlier.get("train_time_s") and earlier.get("tokens_seen"):
+        # the previous build's pace on its machine: a rough figure, not a promise
+        how_long = (f"roughly {_duration(earlier['train_time_s'] * tokens / earlier['tokens_seen'])} of training at "
+                    f"the pace of the build in {report}")
+    else:
+        how_long = "no earlier build here to time it by: hours on a few CPU cores; the progress lines give an ETA"
+    stop = (f"Ctrl-C stops it; running it again resumes from the training state in {work} (saved every "
+            f"{cfg.checkpoint_every} steps); {out_dir} is replaced only when training ends")
+    return "\n".join(["metattt build-target: " + steps[0], *(f"  - {s}" for s in steps[1:]),
+                      f"  time: {how_long}", f"  stop: {stop}"])
+
+
 def build_target(out_dir: Path, corpus: CorpusConfig, config: TinyTargetConfig | None = None) -> Path:
     """Corpus (if missing) → tokenizer → target, published at ``out_dir``. Returns ``out_dir``.
 
@@ -49,6 +84,7 @@ def build_target(out_dir: Path, corpus: CorpusConfig, config: TinyTargetConfig |
     """
     cfg = config or TinyTargetConfig()
     out_dir = Path(out_dir)
+    print(build_plan(out_dir, corpus, cfg), file=sys.stderr, flush=True)
     corpus_dir = ensure_corpus(CorpusConfig(dir=corpus.dir, seed=corpus.seed, build=True))
     work = out_dir.with_name(out_dir.name + ".work")
     tok_dir = work / "tokenizer"
