@@ -93,6 +93,13 @@ def score_drafts(ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tens
     return Scored(anchors, labels, w, index, row, block)
 
 
+def chunk_rows(vocab_size: int) -> int:
+    """Drafts per chunk of logits: about 4M logits, at least 256 drafts. R tasks' logits in one piece
+    outgrow the CPU's caches, and the elementwise passes of a second-order backward then run from
+    memory; one task alone stays inside them."""
+    return max(256, (1 << 22) // vocab_size)
+
+
 def _row_weighted_ce(
     hidden: torch.Tensor,  # (R, N, K, H) hidden state behind each draft
     lm_head,
@@ -186,7 +193,8 @@ def batched_context_loss(
     if targets.block is not None:
         hidden = draft_hidden(f, ids, anchors, S, cfg.mask_token_id, features, valid)  # (R, N, S-1, H)
         if objective.block:
-            total = total + objective.block * _row_weighted_ce(hidden, f.logits, targets.block)
+            total = total + objective.block * _row_weighted_ce(hidden, f.logits, targets.block,
+                                                               chunk_rows(cfg.vocab_size))
         if objective.feature:
             if feature_head is None:
                 raise ValueError("objective.feature > 0 needs a feature_head")
@@ -199,7 +207,7 @@ def batched_context_loss(
             total = total + objective.feature * (err * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1)
     if targets.clm is not None:
         hidden = draft_hidden(f, ids, targets.clm.anchors, 2, cfg.mask_token_id, features, valid)
-        total = total + objective.clm * _row_weighted_ce(hidden, f.logits, targets.clm)
+        total = total + objective.clm * _row_weighted_ce(hidden, f.logits, targets.clm, chunk_rows(cfg.vocab_size))
     return total
 
 
@@ -223,7 +231,7 @@ def batched_continuation_loss(
     """`metattt.ttt.tasks.continuation_loss` of every row -> losses (R,) and correct (R, N, S-1)."""
     hidden = draft_hidden(f, ids, scored.anchors, scored.block, f.config.mask_token_id, features, valid)
     correct = torch.zeros_like(scored.labels, dtype=torch.bool)
-    return _row_weighted_ce(hidden, f.logits, scored, correct=correct), correct
+    return _row_weighted_ce(hidden, f.logits, scored, chunk_rows(f.config.vocab_size), correct), correct
 
 
 def _generators(generators, R: int) -> list[torch.Generator]:
