@@ -7,6 +7,8 @@ Sections (all written to bench/results.json, then printed as tables):
   meta_step     one outer step of maml / fomaml / reptile (k inner steps) ÷ one distillation
                 step on the same tokens; peak-memory ratio (CUDA allocator peak on GPU, bytes
                 of tensors saved for backward on CPU)
+  task_batching the same at 1, 4 and 16 tasks, tasks batched (one forward per inner step) and
+                one by one, side by side (`--qwen3-4b-meta`: at Qwen3-4B's shape)
   ttt_prefill   k TTT steps ÷ the target's prefill of the same prompt, by prompt length
   draft_cost    drafting one block: block drafter vs autoregressive drafter (same widths)
   scaling       maml step ÷ distill step by context length and by k
@@ -131,11 +133,10 @@ def _batch(vocab: int, B: int, T: int, device: torch.device) -> dict:
     return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
 
 
-def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, anchors: int,
-               algorithms: tuple[str, ...], reps: int, kl_weight: float | None = None) -> dict:
-    """Seconds and peak memory of one distill step and one meta step per algorithm, same tokens;
-    with `kl_weight`, also a distill step that mixes in KL to the target (`distill_kl`)."""
-    device = batch["input_ids"].device
+def _step_fns(target, model, batch: dict, context_len: int, inner_steps: int, anchors: int):
+    """One distillation step and one meta step (per algorithm; tasks batched or one by one) on the
+    same tokens, each a full optimizer step; meta steps skip the before-adaptation score, as
+    training does on all but its logging steps."""
     S = model.config.block_size
     gamma = default_gamma(S)
     phi = lora_parameters(model)
@@ -153,19 +154,28 @@ def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, a
         out.loss.backward()
         opt.step()
 
-    def meta_step(algorithm: str) -> Callable[[], None]:
+    def meta_step(algorithm: str, batched: bool = True) -> Callable[[], None]:
         def run() -> None:
             feats = target(batch["input_ids"], return_logits=False).features
             tasks = [Task(batch["input_ids"][i : i + 1], feats[i : i + 1], batch["loss_mask"][i : i + 1], context_len)
                      for i in range(batch["input_ids"].shape[0])]
             res = meta_batch(model, phi, tasks, algorithm=algorithm, steps=inner_steps, lr=1e-3, clip=1.0,
                              inner_anchors=anchors, outer_anchors=anchors, objective=obj, gamma=gamma,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0), batched=batched, score_before=False)
             opt.zero_grad()
             res.loss.backward()
             opt.step()
         return run
 
+    return distill_step, meta_step
+
+
+def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, anchors: int,
+               algorithms: tuple[str, ...], reps: int, kl_weight: float | None = None) -> dict:
+    """Seconds and peak memory of one distill step and one meta step per algorithm (tasks batched),
+    same tokens; with `kl_weight`, also a distill step that mixes in KL to the target (`distill_kl`)."""
+    device = batch["input_ids"].device
+    distill_step, meta_step = _step_fns(target, model, batch, context_len, inner_steps, anchors)
     out: dict = {}
     # the same attention kernel for every row, so ratios compare algorithms, not kernels
     set_attn_implementation(model, "eager")
@@ -180,6 +190,49 @@ def step_costs(target, model, batch: dict, context_len: int, inner_steps: int, a
         m = _peak(runs[algo], device)
         out[algo] = {"seconds": t, "step_ratio": t / out["distill_s"], "mem_ratio": m / max(1, out["distill_mem"])}
     return out
+
+
+def task_batching_costs(target, model, seq_len: int, context_len: int, inner_steps: int, anchors: int,
+                        task_counts: tuple[int, ...] = (1, 4, 16),
+                        algorithms: tuple[str, ...] = ("maml", "fomaml", "reptile"), reps: int = 3) -> list[dict]:
+    """Per task count n: a meta step on n sequences as n tasks, batched (one forward per inner step
+    for all of them) and one task after another, beside a distillation step on the same n sequences,
+    all timed in turn rep by rep; time and peak-memory ratios to the distillation step and
+    per-task ÷ batched."""
+    device = next(model.parameters()).device
+    set_attn_implementation(model, "eager")  # one kernel for every contender (maml needs eager)
+    rows = []
+    for n in task_counts:
+        batch = _batch(target.config.vocab_size, n, seq_len, device)
+        distill_step, meta_step = _step_fns(target, model, batch, context_len, inner_steps, anchors)
+        runs = {"distill": distill_step}
+        for a in algorithms:
+            runs[f"{a}/batched"], runs[f"{a}/per_task"] = meta_step(a, True), meta_step(a, False)
+        log.info("bench: meta steps with %d task(s)", n)
+        t = _interleaved_medians(runs, device, reps)
+        mem = {name: _peak(fn, device) for name, fn in runs.items()}
+        row: dict = {"tasks": n, "distill_s": t["distill"], "distill_mem": mem["distill"]}
+        for a in algorithms:
+            b, p = f"{a}/batched", f"{a}/per_task"
+            row[a] = {"batched_s": t[b], "per_task_s": t[p], "batched_over_distill": t[b] / t["distill"],
+                      "per_task_over_distill": t[p] / t["distill"], "per_task_over_batched": t[p] / t[b],
+                      "batched_mem_ratio": mem[b] / max(1, mem["distill"]),
+                      "per_task_mem_ratio": mem[p] / max(1, mem["distill"])}
+        rows.append(row)
+    return rows
+
+
+def format_task_batching(rows: list[dict]) -> list[str]:
+    algos = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    lines = ["| tasks | meta step | batched ÷ distill | per task ÷ distill | per task ÷ batched | "
+             "peak memory, batched ÷ distill | peak memory, per task ÷ distill |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for a in algos:
+            v = row[a]
+            lines.append(f"| {row['tasks']} | {a} | {fmt(v['batched_over_distill'])} | "
+                         f"{fmt(v['per_task_over_distill'])} | {fmt(v['per_task_over_batched'])} | "
+                         f"{fmt(v['batched_mem_ratio'])} | {fmt(v['per_task_mem_ratio'])} |")
+    return lines
 
 
 def ttt_prefill_costs(target, model, lengths: list[int], steps: int, anchors: int, reps: int,
@@ -225,6 +278,41 @@ def real_shape_ttt(out: Path, lengths: list[int], anchor_counts: list[int], step
     atomic_write_json(out, results)
     print(format_real_shape(results))
     return results
+
+
+def real_shape_meta(out: Path, seq_len: int | None = None, context_len: int | None = None,
+                    anchors: int | None = None, task_counts: tuple[int, ...] | None = None, steps: int = 3,
+                    reps: int = 2) -> dict:
+    """Meta steps, tasks batched and one by one, ÷ a distillation step at Qwen3-4B's shape (random
+    weights, bf16, 5-layer drafter, block 16), on whatever device there is: what the tiny widths
+    cannot show, a target that dwarfs its drafter. Unset sizes: on a GPU 512 tokens (context 256),
+    64 blocks, 1 / 4 / 16 tasks; on a CPU, where one target forward of 4B parameters takes seconds,
+    40 tokens (context 20), 2 blocks, 1 / 4 tasks."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    seq_len = seq_len or (512 if gpu else 40)
+    context_len = context_len or (256 if gpu else 20)
+    anchors = anchors or (64 if gpu else 2)
+    task_counts = task_counts or ((1, 4, 16) if gpu else (1, 4))
+    torch.manual_seed(0)
+    log.info("bench: building a Qwen3-4B-shaped target in bf16 on %s", device)
+    target, model = build_models(QWEN3_4B, 5, 16, torch.bfloat16, device)
+    results = {"machine": _machine(device, "qwen3_4b_shape"),
+               "setup": {"target": {k: QWEN3_4B[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+                         "drafter_layers": 5, "block_size": 16, "dtype": "torch.bfloat16", "seq_len": seq_len,
+                         "context_len": context_len, "anchors": anchors, "inner_steps": steps, "lora_r": 16,
+                         "reps": reps},
+               "task_batching": task_batching_costs(target, model, seq_len, context_len, steps, anchors, task_counts,
+                                                    reps=reps)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    print(format_real_shape_meta(results))
+    return results
+
+
+def format_real_shape_meta(res: dict) -> str:
+    return "\n".join([f"Machine: {res['machine']['device']}, torch {res['machine']['torch']}",
+                      f"Setup: {json.dumps(res['setup'])}", "", *format_task_batching(res["task_batching"])])
 
 
 def format_real_shape(res: dict) -> str:
@@ -328,6 +416,9 @@ def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bo
     log.info("bench: meta-step costs")
     results["meta_step"] = step_costs(target, model, batch, ctx, k, anchors, ("maml", "fomaml", "reptile"), reps,
                                       kl_weight=0.5)
+    log.info("bench: meta steps with tasks batched and one by one")
+    results["task_batching"] = task_batching_costs(target, model, min(T, 512), min(ctx, 256), k, anchors, (1, 4, 16),
+                                                   reps=reps)
     log.info("bench: TTT vs prefill")
     lengths = [n for n in lengths if n <= tcfg["max_position_embeddings"]]
     results["ttt_prefill"] = ttt_prefill_costs(target, model, lengths, 5, anchors, reps)
@@ -362,6 +453,8 @@ def format_tables(res: dict) -> str:
         v = res["meta_step"]["distill_kl"]
         lines.append(f"| distill step with KL to the target (w = 0.5), for scale | {fmt(v['step_ratio'])} | "
                      f"{fmt(v['mem_ratio'])} |")
+    if res.get("task_batching"):
+        lines += ["", *format_task_batching(res["task_batching"])]
     lines += ["", "| prompt tokens | 5 TTT steps ÷ target prefill |", "|---|---|"]
     for row in res["ttt_prefill"]:
         lines.append(f"| {row['prompt_len']} | {fmt(row['ttt_over_prefill'])} |")
@@ -398,6 +491,10 @@ def format_tables(res: dict) -> str:
 def bench(r: Recipe) -> dict | None:
     """The `bench` stage: what `r.bench` asks for, on the recipe's dimensions."""
     cfg = r.bench
+    if cfg.qwen3_4b_meta:
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+        real_shape_meta(Path(cfg.out) if cfg.out else Path(f"bench/results_qwen3_4b_meta_{kind}.json"))
+        return None
     if cfg.qwen3_4b_ttt:
         kind = "gpu" if torch.cuda.is_available() else "cpu"
         real_shape_ttt(Path(cfg.out) if cfg.out else Path(f"bench/results_qwen3_4b_{kind}.json"), [256, 1024, 4096],
@@ -413,6 +510,7 @@ if __name__ == "__main__":  # `python -m metattt.bench [--full] ...` is `python 
     from metattt.cli import main
 
     flags = {"--full": "--bench.full=true", "--skip-tau": "--bench.skip_tau=true",
-             "--fresh-eval": "--bench.fresh_eval=true", "--qwen3-4b-ttt": "--bench.qwen3_4b_ttt=true"}
+             "--fresh-eval": "--bench.fresh_eval=true", "--qwen3-4b-ttt": "--bench.qwen3_4b_ttt=true",
+             "--qwen3-4b-meta": "--bench.qwen3_4b_meta=true"}
     args = [flags.get(a, a) for a in sys.argv[1:]]
     main(["bench", *args] if "--config" in args else ["bench", "--config", "recipes/tiny.yaml", *args])

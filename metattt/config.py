@@ -872,6 +872,9 @@ class BenchConfig:
     """Evaluate again even when an eval report newer than the meta-learned adapter exists."""
     qwen3_4b_ttt: bool = False
     """Only TTT ÷ prefill at Qwen3-4B's shape (bf16; GPU if any, else CPU: ~15 GB RAM, ~20 min on 2 cores)."""
+    qwen3_4b_meta: bool = False
+    """Only meta steps (tasks batched and one by one) ÷ a distillation step at Qwen3-4B's shape (bf16; GPU if
+    any, else CPU, at a short sequence)."""
     out: str | None = None
     """Results JSON; None: bench/results.json (bench/results_gpu.json with full)."""
 

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from metattt.bench import format_real_shape, format_tables
+from metattt.bench import format_real_shape, format_real_shape_meta, format_tables
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -29,6 +29,12 @@ def section(root: Path) -> str:
             found = True
             parts += [f"### TTT vs prefill at Qwen3-4B's shape ({where}, `python -m metattt.bench --qwen3-4b-ttt`)",
                       "", format_real_shape(json.loads(path.read_text())), ""]
+    for kind, where in (("cpu", "CPU"), ("gpu", "GPU")):
+        path = root / "bench" / f"results_qwen3_4b_meta_{kind}.json"
+        if path.is_file():
+            found = True
+            parts += [f"### Meta steps at Qwen3-4B's shape ({where}, `python -m metattt.bench --qwen3-4b-meta`)",
+                      "", format_real_shape_meta(json.loads(path.read_text())), ""]
     if not found:
         parts += ["No results yet: run `make bench`.", ""]
     parts.append(END)

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import qwen3_config
 
@@ -72,3 +73,33 @@ def test_draft_costs_time_both_kinds():
     res = draft_costs(target, num_layers=2, block_size=4, context_len=16, reps=2)
     assert res["block"] > 0 and res["autoregressive"] > 0 and res["target_verify"] > 0
     assert res["autoregressive_over_block"] == res["autoregressive"] / res["block"]
+
+
+def test_task_batching_rows_time_both_paths_side_by_side(tmp_path):
+    from metattt.bench import format_real_shape_meta, format_task_batching, task_batching_costs
+
+    target, model = _tiny()
+    rows = task_batching_costs(target, model, seq_len=32, context_len=16, inner_steps=2, anchors=4, task_counts=(1, 3),
+                               algorithms=("maml", "fomaml"), reps=1)
+    assert [r["tasks"] for r in rows] == [1, 3]
+    for row in rows:
+        for algo in ("maml", "fomaml"):
+            v = row[algo]
+            assert v["per_task_over_batched"] == v["per_task_s"] / v["batched_s"]
+            assert v["batched_over_distill"] == v["batched_s"] / row["distill_s"]
+            assert v["batched_mem_ratio"] > 0 and v["per_task_mem_ratio"] > 0
+    # both paths keep the same graphs alive: memory differs by padding only
+    assert rows[0]["maml"]["batched_mem_ratio"] == pytest.approx(rows[0]["maml"]["per_task_mem_ratio"], rel=0.3)
+    text = "\n".join(format_task_batching(rows))
+    assert text.count("\n| 3 | ") == 2 and "| per task ÷ batched |" in text
+    shape = {"machine": {"device": "cpu", "torch": torch.__version__}, "setup": {"seq_len": 32},
+             "task_batching": rows}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results_qwen3_4b_meta_cpu.json").write_text(json.dumps(shape))
+    (tmp_path / "README.md").write_text("# x\n")
+    spec = importlib.util.spec_from_file_location("readme_results", Path("scripts/readme_results.py"))
+    readme_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_results)
+    readme_results.main(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "### Meta steps at Qwen3-4B's shape (CPU" in readme and format_real_shape_meta(shape) in readme
