@@ -1,4 +1,6 @@
-from metattt.cli import main
+import sys
+
+from metattt.cli import entry
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

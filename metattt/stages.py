@@ -249,7 +249,8 @@ def guided_eval(r: Recipe) -> list[dict]:
     L.seed_everything(r.run.seed, workers=True)
     judge = make_judge(cfg.judge, cfg.judge_base_url, cfg.judge_model, cfg.judge_api_key_env, cfg.judge_timeout_s)
     tasks = load_guided_tasks(cfg, r.run.seed)
-    s = load_eval_stack(r.run.out_dir, r.target, r.drafter, r.lora, cfg.drafter_path, cfg.meta_lora_path, r.run.seed)
+    s = load_eval_stack(r.run.out_dir, r.target, r.drafter, r.lora, cfg.drafter_path, cfg.meta_lora_path, r.run.seed,
+                        section="guided")
     ttt = cfg.ttt.apply(s.ttt)
     init_name = cfg.ttt_init if cfg.ttt_init in s.inits else "zero"
     if init_name != cfg.ttt_init:

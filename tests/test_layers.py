@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("spec",),  # speculative and guided decoding
     ("eval", "export"),  # experiments and reports; serving exports, the meta adapter
     ("lit", "distributed", "loading"),  # Lightning modules, trainer, loading a recipe's objects
-    ("stages", "serve", "bench"),  # one function per stage; the per-request serving loop; cost ratios
+    ("stages", "preflight", "serve", "bench"),  # one function per stage, its recipe checks; serving loop; cost ratios
     ("cli", "__main__"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
