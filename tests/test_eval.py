@@ -200,3 +200,19 @@ def test_tau_by_position_buckets_steps_by_where_their_drafts_start():
     out = tau_by_position(rows, bucket=4)
     assert [(b["start"], b["end"], b["n"]) for b in out] == [(0, 4, 2), (4, 8, 1), (8, 12, 1)]
     assert out[0]["tau"] == pytest.approx((2.5 + 2.0) / 2) and out[1]["tau"] == 4.0 and out[2]["tau"] == 2.0
+
+
+def test_load_prompts_takes_disjoint_windows_when_records_are_few(workspace, tmp_path):
+    from transformers import AutoTokenizer
+
+    from metattt.eval.speculative import load_prompts
+
+    tok = AutoTokenizer.from_pretrained(workspace / "target")
+    text = " ".join(f"word{i}" for i in range(400))
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (text, text[::-1])))
+    prompts = load_prompts(str(path), tok, prompt_len=40, num_prompts=8, seed=0)
+    assert len(prompts) == 8 and all(len(p) == 40 for p in prompts)
+    assert len({tuple(p) for p in prompts}) == 8  # no window twice
+    one = load_prompts(str(path), tok, prompt_len=40, num_prompts=2, seed=0)
+    assert one == prompts[:2]  # with enough records: one window each, as before

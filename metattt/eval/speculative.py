@@ -57,11 +57,27 @@ def load_prompts(files: str | list[str], tokenizer, prompt_len: int, num_prompts
         raise ValueError(f"no record in {files} is longer than eval.prompt_len={prompt_len} tokens")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(long_enough), generator=g).tolist()
-    prompts = []
+    prompts, taken = [], {}
     for j in order[:num_prompts]:
         ids = ds[long_enough[j]]["input_ids"]
         start = int(torch.randint(0, len(ids) - prompt_len, (1,), generator=g))
         prompts.append(ids[start : start + prompt_len])
+        taken[j] = start
+    if len(prompts) < num_prompts:
+        # fewer long records than prompts: more windows from records that hold several, none
+        # overlapping the window already taken from it (prompts of one file are then not independent)
+        extra = []
+        for j, start in taken.items():
+            ids = ds[long_enough[j]]["input_ids"]
+            for k in range(len(ids) // prompt_len):
+                lo = k * prompt_len
+                if lo + prompt_len <= start or lo >= start + prompt_len:
+                    extra.append(ids[lo : lo + prompt_len])
+        picks = torch.randperm(len(extra), generator=g).tolist()[: num_prompts - len(prompts)]
+        prompts += [extra[i] for i in picks]
+        if picks:
+            log.info("%s: %d records hold a prompt of %d tokens; %d more prompts from other windows of them",
+                     files, len(taken), prompt_len, len(picks))
     if len(prompts) < num_prompts:
         log.warning("only %d prompts of %d tokens in %s (asked for %d)", len(prompts), prompt_len, files, num_prompts)
     return prompts
