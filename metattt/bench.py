@@ -11,6 +11,9 @@ Sections (all written to bench/results.json, then printed as tables):
                 one by one, side by side (`--qwen3-4b-meta`: at Qwen3-4B's shape)
   ttt_prefill   k TTT steps ÷ the target's prefill of the same prompt, by prompt length
   draft_cost    drafting one block: block drafter vs autoregressive drafter (same widths)
+  batched       tokens/s at batch 1, 2, 4, 8, 16 for target-only, static and ttt_meta decoding, batched
+                (metattt.spec.batched), beside one request at a time; batched TTT of R prompts ÷ R
+                single TTTs (`--batched`: this section alone)
   scaling       maml step ÷ distill step by context length and by k
   tau           the eval stage on the recipe: τ ± s.e. for static / TTT-zero / TTT-meta per split,
                 wall-clock speedup over target-only decoding and speedup ÷ τ
@@ -357,6 +360,202 @@ def draft_costs(target, num_layers: int, block_size: int, context_len: int, reps
     return out
 
 
+def _distilled_block_drafter(target, layers: int, S: int, seqs: list[torch.Tensor], steps: int, anchors: int = 16,
+                             lr: float = 3e-3) -> BlockDrafter:
+    """A block drafter distilled for `steps` AdamW steps on sequences `seqs` (T_i,) the target wrote
+    (right-padded into one batch)."""
+    device = seqs[0].device
+    dtype = next(target.parameters()).dtype
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=1, target_layer_ids=target.layer_ids,
+                                         num_hidden_layers=layers, block_size=S)
+    torch.manual_seed(0)
+    drafter = BlockDrafter(cfg).to(device=device, dtype=dtype).attach_target(target)
+    T = max(x.numel() for x in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    feats = None
+    for b, x in enumerate(seqs):
+        f = target(x[None], return_logits=False).features[0]  # (T_b, n·H)
+        feats = f.new_zeros(len(seqs), T, f.shape[-1]) if feats is None else feats
+        ids[b, : x.numel()], attn[b, : x.numel()], feats[b, : x.numel()] = x, 1, f
+    valid = valid_anchor_mask(attn, attn, S)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=lr)
+    for _ in range(steps):
+        a, ok = sample_anchors(valid, anchors, g)
+        loss = block_prediction_loss(drafter, feats, ids, attn, attn, a, ok, S, 1, default_gamma(S)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return drafter.requires_grad_(False).eval()
+
+
+def batched_costs(tcfg: dict, layers: int, S: int, dtype: torch.dtype, device: torch.device, ttt: TTTConfig,
+                  batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16), new_tokens: int = 64,
+                  prompt_lens: tuple[int, int] = (48, 96), reps: int = 3, distill_steps: int = 150,
+                  init_range: float = 0.05, lora_r: int = 8, unseen_at: tuple[int, ...] = (1, 8)) -> dict:
+    """Batched decoding and batched TTT, every contender of a batch size timed in turn rep by rep.
+
+    Per batch size R (the same first R of 16 prompts, 48..96 tokens, `new_tokens` each, EOS off,
+    greedy): tokens/s of `target` (batched target-only decoding), `static` (batched speculative
+    decoding, one drafter for every row) and `ttt_meta` (batched prefill TTT of each row's LoRA, then
+    batched speculative decoding with per-row LoRA), at R = 1 the single-request loops too, and at
+    R in `unseen_at` `static` on prompts the drafter never saw. Then `ttt_adapt_batched` on R
+    prompts ÷ R `ttt_adapt` calls.
+
+    The target is random at the recipe's widths, its weights drawn with std `init_range`. A drafter
+    distilled briefly on a random target's continuations does not generalise to new prompts (τ ≈ 1,
+    the `static_unseen` rows), so for the speeds it is distilled on the bench prompts' own greedy
+    continuations: a well-matched drafter, τ between 1 and S, reported beside every speed. The TTT
+    init is peft's (B = 0): a random target has no meta-learned init, and TTT costs the same from any.
+    """
+    from metattt.spec.batched import prefill_ttt_batched, speculative_generate_batch, target_generate_batch
+    from metattt.spec.decode import speculative_generate, target_generate
+    from metattt.stats import distinct_n
+    from metattt.ttt.batched import ttt_adapt_batched
+
+    torch.manual_seed(0)
+    target = FrozenTarget.from_config(dict(tcfg, initializer_range=init_range), num_draft_layers=layers,
+                                      dtype=dtype).to(device)
+    vocab = tcfg["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    n_max = max(batch_sizes)
+    lengths = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n_max + max(unseen_at, default=0),),
+                            generator=g).tolist()
+    prompts = [torch.randint(4, vocab, (n,), generator=g).to(device) for n in lengths]
+    prompts, unseen = prompts[:n_max], prompts[n_max:]
+    log.info("bench: batched decoding: distilling a drafter on the prompts' greedy continuations")
+    refs = target_generate_batch(target, prompts, new_tokens, None, max_batch_size=None)
+    seqs = [torch.cat([p, p.new_tensor(r.tokens)]) for p, r in zip(prompts, refs)]
+    drafter = _distilled_block_drafter(target, layers, S, seqs, distill_steps)
+    model = add_lora(drafter, r=lora_r, alpha=2 * lora_r).to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    init = copy_lora(model)
+    set_attn_implementation(model, "sdpa")
+    results: dict = {"setup": {"new_tokens": new_tokens, "prompt_lens": list(prompt_lens), "init_range": init_range,
+                               "distill_steps": distill_steps, "lora_r": lora_r, "ttt_steps": ttt.steps,
+                               "ttt_anchors": ttt.num_anchors, "reps": reps,
+                               "target_distinct_2": statistics.fmean(distinct_n(r.tokens, 2) for r in refs)},
+                     "decoding": [], "ttt": []}
+    last: dict = {}
+
+    def keep(name: str, fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            last[name] = fn()
+        return run
+
+    for R in batch_sizes:
+        ps = prompts[:R]
+        runs = {
+            "target": keep("target", lambda ps=ps: target_generate_batch(target, ps, new_tokens, None,
+                                                                          max_batch_size=None)),
+            "static": keep("static", lambda ps=ps: speculative_generate_batch(target, model, ps, new_tokens, None,
+                                                                              max_batch_size=None)),
+            "ttt_meta": keep("ttt_meta", lambda ps=ps: speculative_generate_batch(
+                target, model, ps, new_tokens, None, max_batch_size=None,
+                on_prefill=prefill_ttt_batched(model, init, ps, ttt))),
+        }
+        if R in unseen_at:
+            runs["static_unseen"] = keep("static_unseen", lambda us=unseen[:R]: speculative_generate_batch(
+                target, model, us, new_tokens, None, max_batch_size=None))
+        if R == 1:
+            runs["target/single"] = keep("target/single", lambda p=ps[0]: [target_generate(target, p, new_tokens,
+                                                                                             None)])
+            runs["static/single"] = keep("static/single", lambda p=ps[0]: [speculative_generate(target, model, p,
+                                                                                                 new_tokens, None)])
+        log.info("bench: batched decoding, batch %d", R)
+        times = _interleaved_medians(runs, device, reps)
+        row: dict = {"batch": R}
+        for name, t in times.items():
+            outs = last[name]
+            n_tokens = sum(len(o.tokens) for o in outs)
+            taus = [o.tau for o in outs if o.num_steps and name.split("/")[0] != "target"]
+            row[name] = {"seconds": t, "tokens": n_tokens, "tokens_per_s": n_tokens / t,
+                         "tau": statistics.fmean(taus) if taus else None}
+        results["decoding"].append(row)
+    base = results["decoding"][0]
+    for row in results["decoding"]:
+        for name in ("target", "static", "ttt_meta"):
+            row[name]["over_batch_1"] = row[name]["tokens_per_s"] / base[name]["tokens_per_s"]
+        for name in ("static", "ttt_meta", "static_unseen"):
+            if name in row:
+                row[name]["over_target"] = row[name]["tokens_per_s"] / row["target"]["tokens_per_s"]
+
+    log.info("bench: batched TTT vs one TTT per prompt")
+    with torch.no_grad():
+        feats = [target(p[None], return_logits=False).features for p in prompts]
+    for R in batch_sizes:
+        ps, fs = [p[None] for p in prompts[:R]], feats[:R]
+        runs = {"batched": lambda ps=ps, fs=fs: ttt_adapt_batched(model, init, ps, fs, ttt),
+                "one_by_one": lambda ps=ps, fs=fs: [ttt_adapt(model, init, p, f, ttt) for p, f in zip(ps, fs)]}
+        t = _interleaved_medians(runs, device, reps)
+        results["ttt"].append({"batch": R, "batched_s": t["batched"], "one_by_one_s": t["one_by_one"],
+                               "batched_over_one_by_one": t["batched"] / t["one_by_one"]})
+    one = results["ttt"][0]["batched_s"]
+    for row in results["ttt"]:
+        row["batched_over_one_request"] = row["batched_s"] / one
+    return results
+
+
+def format_batched(res: dict) -> list[str]:
+    su = res["setup"]
+    lines = [f"Batched decoding: greedy, {su['new_tokens']} new tokens per row, prompts of {su['prompt_lens'][0]}-"
+             f"{su['prompt_lens'][1]} tokens; random target (init std {su['init_range']}, distinct-2 of its "
+             f"continuations {fmt(su.get('target_distinct_2'))}), drafter distilled {su['distill_steps']} steps on "
+             "these prompts' continuations; "
+             f"ttt_meta: {su['ttt_steps']} TTT steps on {su['ttt_anchors']} blocks per row.", "",
+             "| batch | target tok/s | static tok/s | ttt_meta tok/s | target ÷ batch 1 | static ÷ batch 1 | "
+             "ttt_meta ÷ batch 1 | static ÷ target | ttt_meta ÷ target | τ static | τ ttt_meta |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in res["decoding"]:
+        t, s, m = row["target"], row["static"], row["ttt_meta"]
+        lines.append(f"| {row['batch']} | {fmt(t['tokens_per_s'], '.0f')} | {fmt(s['tokens_per_s'], '.0f')} | "
+                     f"{fmt(m['tokens_per_s'], '.0f')} | {fmt(t['over_batch_1'])} | {fmt(s['over_batch_1'])} | "
+                     f"{fmt(m['over_batch_1'])} | {fmt(s['over_target'])} | {fmt(m['over_target'])} | "
+                     f"{fmt(s['tau'])} | {fmt(m['tau'])} |")
+    unseen = [row for row in res["decoding"] if "static_unseen" in row]
+    if unseen:
+        lines += ["", "static on prompts the drafter never saw: " + "; ".join(
+            f"batch {row['batch']}: {fmt(row['static_unseen']['tokens_per_s'], '.0f')} tok/s, "
+            f"τ {fmt(row['static_unseen']['tau'])}, ÷ target {fmt(row['static_unseen']['over_target'])}"
+            for row in unseen) + "."]
+    first = res["decoding"][0]
+    if "static/single" in first:
+        lines += ["", f"One request at a time (the single-request loops): target {fmt(first['target/single']['tokens_per_s'], '.0f')}"
+                  f" tok/s, static {fmt(first['static/single']['tokens_per_s'], '.0f')} tok/s."]
+    lines += ["", "| requests R | batched TTT (s) | R single TTTs (s) | batched ÷ R single | batched ÷ one request's TTT |",
+              "|---|---|---|---|---|"]
+    for row in res["ttt"]:
+        lines.append(f"| {row['batch']} | {fmt(row['batched_s'], '.3f')} | {fmt(row['one_by_one_s'], '.3f')} | "
+                     f"{fmt(row['batched_over_one_by_one'])} | {fmt(row['batched_over_one_request'])} |")
+    return lines
+
+
+def _tiny_widths(r: Recipe) -> dict:
+    t = r.tiny_target
+    return dict(model_type="qwen3", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+                max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=True)
+
+
+def batched_section(r: Recipe, out: Path) -> dict:
+    """`--batched`: only the batched decoding / TTT section, at the tiny recipe's widths (GPU if any)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tcfg = _tiny_widths(r)
+    ttt = TTTConfig(steps=r.meta.ttt.steps, lr=r.meta.ttt.lr, clip=r.meta.ttt.clip, num_anchors=r.meta.ttt.num_anchors)
+    res = batched_costs(tcfg, r.drafter.num_hidden_layers, r.drafter.block_size, torch.float32, device, ttt)
+    results = {"machine": _machine(device, "batched"),
+               "setup": {"target": {k: tcfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+                         "drafter_layers": r.drafter.num_hidden_layers, "block_size": r.drafter.block_size},
+               "batched": res}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    print("\n".join([f"Machine: {results['machine']['device']}, torch {results['machine']['torch']}",
+                     f"Setup: {json.dumps(results['setup'])}", "", *format_batched(res)]))
+    return results
+
+
 def tau_section(r: Recipe, reuse: bool) -> dict:
     """τ from the eval stage of the recipe (meta-training and distilling first where missing).
 
@@ -424,6 +623,11 @@ def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bo
     results["ttt_prefill"] = ttt_prefill_costs(target, model, lengths, 5, anchors, reps)
     log.info("bench: drafting cost per block, both drafter kinds")
     results["draft_cost"] = draft_costs(target, layers, S, ctx, reps=max(5, reps * 3))
+    log.info("bench: batched decoding and batched TTT")
+    ttt = TTTConfig(steps=r.meta.ttt.steps, lr=r.meta.ttt.lr, clip=r.meta.ttt.clip, num_anchors=r.meta.ttt.num_anchors)
+    # the tiny recipe's widths even in the full preset: batching pays where per-step overheads dominate
+    results["batched"] = batched_costs(tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers,
+                                       r.drafter.block_size, torch.float32, device, ttt, reps=reps)
     log.info("bench: scaling")
     results["scaling"] = {
         "by_context": [{"context_len": c, **{a: v["step_ratio"] for a, v in step_costs(
@@ -472,6 +676,8 @@ def format_tables(res: dict) -> str:
     lines += ["", "| inner steps k | maml ÷ distill | fomaml ÷ distill |", "|---|---|---|"]
     for row in res["scaling"]["by_k"]:
         lines.append(f"| {row['k']} | {fmt(row['maml'])} | {fmt(row['fomaml'])} |")
+    if res.get("batched"):
+        lines += ["", *format_batched(res["batched"])]
     if "tau" in res:
         lines += ["", "| split | condition | τ | ± s.e. | n | speedup | speedup ÷ τ |", "|---|---|---|---|---|---|---|"]
         for split, conds in res["tau"]["summary"].items():
@@ -491,6 +697,10 @@ def format_tables(res: dict) -> str:
 def bench(r: Recipe) -> dict | None:
     """The `bench` stage: what `r.bench` asks for, on the recipe's dimensions."""
     cfg = r.bench
+    if cfg.batched:
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+        batched_section(r, Path(cfg.out) if cfg.out else Path(f"bench/results_batched_{kind}.json"))
+        return None
     if cfg.qwen3_4b_meta:
         kind = "gpu" if torch.cuda.is_available() else "cpu"
         real_shape_meta(Path(cfg.out) if cfg.out else Path(f"bench/results_qwen3_4b_meta_{kind}.json"))
@@ -511,6 +721,6 @@ if __name__ == "__main__":  # `python -m metattt.bench [--full] ...` is `python 
 
     flags = {"--full": "--bench.full=true", "--skip-tau": "--bench.skip_tau=true",
              "--fresh-eval": "--bench.fresh_eval=true", "--qwen3-4b-ttt": "--bench.qwen3_4b_ttt=true",
-             "--qwen3-4b-meta": "--bench.qwen3_4b_meta=true"}
+             "--qwen3-4b-meta": "--bench.qwen3_4b_meta=true", "--batched": "--bench.batched=true"}
     args = [flags.get(a, a) for a in sys.argv[1:]]
     main(["bench", *args] if "--config" in args else ["bench", "--config", "recipes/tiny.yaml", *args])

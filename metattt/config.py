@@ -875,6 +875,9 @@ class BenchConfig:
     qwen3_4b_meta: bool = False
     """Only meta steps (tasks batched and one by one) ÷ a distillation step at Qwen3-4B's shape (bf16; GPU if
     any, else CPU, at a short sequence)."""
+    batched: bool = False
+    """Only batched decoding (tokens/s at batch 1..16: target-only, static, ttt_meta) and batched TTT ÷ one TTT
+    per request, at the tiny recipe's widths (GPU if any, else CPU)."""
     out: str | None = None
     """Results JSON; None: bench/results.json (bench/results_gpu.json with full)."""
 

@@ -103,3 +103,24 @@ def test_task_batching_rows_time_both_paths_side_by_side(tmp_path):
     readme_results.main(tmp_path)
     readme = (tmp_path / "README.md").read_text()
     assert "### Meta steps at Qwen3-4B's shape (CPU" in readme and format_real_shape_meta(shape) in readme
+
+
+def test_batched_costs_time_every_contender_and_format_their_ratios():
+    from metattt.bench import batched_costs, format_batched
+    from metattt.ttt.tasks import TTTConfig
+
+    tcfg = dict(qwen3_config().to_dict(), max_position_embeddings=256)
+    res = batched_costs(tcfg, layers=1, S=4, dtype=torch.float32, device=torch.device("cpu"),
+                        ttt=TTTConfig(steps=1, lr=0.1, num_anchors=4), batch_sizes=(1, 2), new_tokens=8,
+                        prompt_lens=(12, 20), reps=1, distill_steps=2, unseen_at=(1,))
+    assert [row["batch"] for row in res["decoding"]] == [1, 2]
+    first, second = res["decoding"]
+    assert {"target/single", "static/single", "static_unseen"} <= set(first)
+    for name in ("target", "static", "ttt_meta"):
+        # every row of a batch writes its 8 tokens (EOS off), timed side by side
+        assert second[name]["tokens"] == 16 and second[name]["tokens_per_s"] > 0
+        assert second[name]["over_batch_1"] == second[name]["tokens_per_s"] / first[name]["tokens_per_s"]
+    assert first["target"]["tau"] is None and 1 <= first["static"]["tau"] <= 4
+    assert [row["batch"] for row in res["ttt"]] == [1, 2] and res["ttt"][0]["batched_over_one_request"] == 1.0
+    text = "\n".join(format_batched(res))
+    assert text.count("\n| 2 | ") == 2 and "batched ÷ one request's TTT" in text

@@ -88,7 +88,8 @@ def test_distill_with_kl_to_the_target(workspace, tmp_path):
     [(ce,)] = [(e.value,) for e in acc.Scalars("val/ce")]
     [(loss,)] = [(e.value,) for e in acc.Scalars("val/loss")]
     assert kl > 0 and abs(loss - (0.5 * ce + 0.5 * kl)) < 1e-4
-    with pytest.raises(ValueError, match="feature cache"):
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(ValueError, match="feature cache does not hold"):
         main(["distill", *args, f"--data.feature_cache={tmp_path / 'cache'}"])
     with pytest.raises(ValueError, match="kl_weight must be in"):
         main(["distill", *recipe_args(workspace, f"--run.output_root={tmp_path}", "--distill.kl_weight=2")])

@@ -281,7 +281,7 @@ class ARDrafter(TargetFeatureReader):
         anchors: torch.Tensor,  # (B, N) position a of each chain's first token
         context_features: torch.Tensor | None = None,  # (B, C, n·H) target features at positions 0..C-1
         context_valid: torch.Tensor | None = None,  # (B, C) bool, False on padding
-        cache: ContextCache | None = None,  # instead of context_features: all cached positions are visible
+        cache: ContextCache | None = None,  # instead of context_features: its slots (those `cache.valid` marks)
         chain_cache: ChainCache | None = None,  # decoding: continue this chain (N = 1); extended in place
     ) -> torch.Tensor:
         """Hidden states after the final norm, (B, N, L, H): entry k predicts x_{a+k+1}.
@@ -310,7 +310,13 @@ class ARDrafter(TargetFeatureReader):
             self_mask = None if L == 1 else (keys[None, :] <= new[:, None])[None, None]  # (1, 1, L, offset + L)
         if cache is not None:
             ctx_kv = cache.kv
-            cross_mask = None if N == 1 else chain_cross_mask(anchors, cache.length, L)
+            if cache.valid is not None:
+                # batched decoding: every valid slot is a committed position before the row's anchor
+                if N != 1:
+                    raise ValueError(f"a cache with per-row valid slots takes one chain per row, got N = {N}")
+                cross_mask = cache.valid[:, None, None, :].expand(B, 1, L, cache.length)  # (B, 1, L, C)
+            else:
+                cross_mask = None if N == 1 else chain_cross_mask(anchors, cache.length, L)
         else:
             if context_features is None:
                 raise ValueError("give context_features or a cache")
@@ -346,6 +352,24 @@ class ARDrafter(TargetFeatureReader):
             if q is not None:
                 qs.append(q[0])
         return torch.tensor(drafts, device=device), (torch.stack(qs) if qs else None)
+
+    def draft_rows(self, last_tokens: torch.Tensor, positions: torch.Tensor, cache: ContextCache,
+                   choose: Chooser) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`draft` for R requests at once: last_tokens (R,) at positions (R,), a batched cache
+        (`cache.valid`); S-1 forwards of one token per row, every row's chain as long as the others'.
+        `choose` turns (R, 1, V) logits into tokens (R, 1) and q (R, 1, V) | None. Returns drafts
+        (R, S-1) and q (R, S-1, V) | None."""
+        chain = ChainCache()
+        token = last_tokens
+        drafts, qs = [], []
+        for _ in range(self.config.block_size - 1):
+            hidden = self(token[:, None, None], positions[:, None], cache=cache, chain_cache=chain)  # (R, 1, 1, H)
+            picked, q = choose(self.logits(hidden[:, 0, -1:]).float())  # (R, 1, V) -> (R, 1), (R, 1, V) | None
+            token = picked[:, 0]
+            drafts.append(token)
+            if q is not None:
+                qs.append(q)
+        return torch.stack(drafts, 1), (torch.cat(qs, 1) if qs else None)
 
     def next_token_logits(self, last_token: int, position: int, cache: ContextCache) -> torch.Tensor:
         """The drafter's distribution of the token after `last_token` (V,): one chain step."""

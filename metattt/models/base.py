@@ -252,10 +252,16 @@ def set_attn_implementation(model: nn.Module, impl: str) -> None:
 
 @dataclass
 class ContextCache:
-    """Per-layer K/V of the drafter's context (committed positions), for decoding."""
+    """Per-layer K/V of the drafter's context (committed positions), for decoding.
+
+    One request: slot c holds position c, and every slot is visible. Batched requests
+    (metattt.spec.batched) share one slot layout with the target's KV cache: rows are left-padded
+    and keep the slots of rejected drafts, so `valid` says which slots a row's drafts may read.
+    """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, kv, C, d) each
-    length: int
+    length: int  # slots C
+    valid: torch.Tensor | None = None  # (B, C) bool: False on padding and dead slots; None = every slot
 
 
 class TargetFeatureReader(nn.Module):
@@ -315,15 +321,29 @@ class TargetFeatureReader(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.config, ctx.dtype, seq_len)
         return [getattr(layer, self.context_attention).context_kv(ctx, cos, sin) for layer in self.layers]
 
-    def extend_cache(self, cache: ContextCache | None, features: torch.Tensor) -> ContextCache:
-        """Append target features of newly committed positions (B, c, n·H) to the cache."""
+    def extend_cache(self, cache: ContextCache | None, features: torch.Tensor, positions: torch.Tensor | None = None,
+                     valid: torch.Tensor | None = None) -> ContextCache:
+        """Append target features of newly committed positions (B, c, n·H) to the cache.
+
+        positions: (B, c) of the new slots; None = the slots' own indices (one request).
+        valid: (B, c) bool of the new slots (batched decoding: False on padding and rejected drafts);
+            None = all visible. A cache that has a `valid` mask keeps one.
+        """
         start = 0 if cache is None else cache.length
         B, c, _ = features.shape
-        positions = torch.arange(start, start + c, device=features.device).expand(B, c)
+        if positions is None:
+            positions = torch.arange(start, start + c, device=features.device).expand(B, c)
         new = self.context_kv(features, positions)
+        mask = None
+        if valid is not None or (cache is not None and cache.valid is not None):
+            ones = torch.ones(B, c, dtype=torch.bool, device=features.device)
+            mask = valid.bool() if valid is not None else ones
+            if cache is not None:
+                old = cache.valid if cache.valid is not None else ones.new_ones(B, start)
+                mask = torch.cat([old, mask], 1)  # (B, start + c)
         if cache is None:
-            return ContextCache(kv=new, length=c)
+            return ContextCache(kv=new, length=c, valid=mask)
         kv = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache.kv, new)]
-        return ContextCache(kv=kv, length=start + c)
+        return ContextCache(kv=kv, length=start + c, valid=mask)
 
 

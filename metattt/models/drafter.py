@@ -43,7 +43,8 @@ from metattt.models.base import (
 )
 
 #: Chooses tokens from draft logits (n, V): returns the tokens (n,) and the distribution each was
-#: drawn from (n, V), or None when decoding is greedy (metattt.spec.decode builds it).
+#: drawn from (n, V), or None when decoding is greedy (metattt.spec.decode builds it). The batched
+#: `draft_rows` calls one with a leading row dim: (R, n, V) -> (R, n), (R, n, V) | None.
 Chooser = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
@@ -160,7 +161,7 @@ class BlockDrafter(TargetFeatureReader):
         anchors: torch.Tensor,  # (B, N) position of each anchor in the sequence
         context_features: torch.Tensor | None = None,  # (B, C, n·H) target features at positions 0..C-1
         context_valid: torch.Tensor | None = None,  # (B, C) bool, False on padding
-        cache: ContextCache | None = None,  # instead of context_features: all cached positions are visible
+        cache: ContextCache | None = None,  # instead of context_features: its slots (those `cache.valid` marks)
     ) -> torch.Tensor:
         """Hidden states after the final norm, (B, N, S, H). Use `.logits(h)` for vocab logits."""
         B, N, S = block_ids.shape
@@ -169,7 +170,15 @@ class BlockDrafter(TargetFeatureReader):
         if cache is not None:
             cos_q, sin_q = rotary_cos_sin(block_pos, self.config, x.dtype)
             ctx_kv = cache.kv
-            mask = None if N == 1 else block_attention_mask(anchors, cache.length, S)
+            if cache.valid is not None:
+                # batched decoding: a slot's index is not its position, but every valid slot lies
+                # before the row's anchor (the cache holds committed positions only)
+                if N != 1:
+                    raise ValueError(f"a cache with per-row valid slots takes one block per row, got N = {N}")
+                sees_ctx = cache.valid[:, None, :].expand(B, S, cache.length)  # (B, S, C)
+                mask = torch.cat([sees_ctx, sees_ctx.new_ones(B, S, S)], -1)[:, None]  # (B, 1, S, C + S)
+            else:
+                mask = None if N == 1 else block_attention_mask(anchors, cache.length, S)
         else:
             if context_features is None:
                 raise ValueError("give context_features or a cache")
@@ -196,6 +205,17 @@ class BlockDrafter(TargetFeatureReader):
         block[0, 0, 0] = last_token
         hidden = self(block, torch.tensor([[position]], device=device), cache=cache)  # (1, 1, S, H)
         return choose(self.logits(hidden[0, 0, 1:]).float())  # (S-1, V) -> drafts (S-1,), q
+
+    def draft_rows(self, last_tokens: torch.Tensor, positions: torch.Tensor, cache: ContextCache,
+                   choose: Chooser) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`draft` for R requests in one forward: last_tokens (R,) at positions (R,), a batched cache
+        (`cache.valid`); `choose` turns the (R, S-1, V) logits into drafts (R, S-1) and q (R, S-1, V)."""
+        S = self.config.block_size
+        R = last_tokens.shape[0]
+        block = torch.full((R, 1, S), self.config.mask_token_id, dtype=torch.long, device=last_tokens.device)
+        block[:, 0, 0] = last_tokens
+        hidden = self(block, positions[:, None], cache=cache)  # (R, 1, S, H)
+        return choose(self.logits(hidden[:, 0, 1:]).float())  # (R, S-1, V)
 
     def next_token_logits(self, last_token: int, position: int, cache: ContextCache) -> torch.Tensor:
         """The drafter's distribution of the token after `last_token` (V,): block position 1."""

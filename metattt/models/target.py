@@ -299,6 +299,7 @@ class FrozenTarget(nn.Module):
         return_logits: bool = True,
         logits_to_keep: int = 0,
         return_final_hidden: bool = False,
+        position_ids: torch.Tensor | None = None,  # (B, T); batched decoding gives each row its own
     ) -> TargetOutput:
         if self.heads_only:
             raise RuntimeError("this target holds only its embedding and LM head (loaded for data.feature_cache), "
@@ -306,6 +307,8 @@ class FrozenTarget(nn.Module):
         kwargs = {}
         if past_key_values is not None:
             kwargs[self._cache_kwarg] = past_key_values
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -287,11 +287,12 @@ def ttt_adapt_batched(
     start = repeat_lora(inits[0], len(active)) if shared else stack_lora([inits[r] for r in active])
     start = {n: t.detach().clone().requires_grad_(True) for n, t in start.items()}  # (A, ...) each
     row_losses: list[torch.Tensor] = []
-    targets = context_targets(ids, valid, anchors, ok, ttt.objective, ttt.gamma, S)
+    gamma = ttt.gamma_for(S)  # None: by block size, as ttt_adapt reads it
+    targets = context_targets(ids, valid, anchors, ok, ttt.objective, gamma, S)
 
     def loss_fn(params: ParamDict, step: int) -> torch.Tensor:
         per_row = batched_context_loss(Functional(model, params), ids, feats, valid, anchors, ok,
-                                       ttt.objective, ttt.gamma, feature_head, targets=targets)  # (A,)
+                                       ttt.objective, gamma, feature_head, targets=targets)  # (A,)
         row_losses.append(per_row.detach())
         return per_row.sum()  # row b's slice gets row b's gradient only
 

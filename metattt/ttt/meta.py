@@ -9,11 +9,13 @@ Two paths compute the same meta-gradient:
 - per task: a Python loop, one `meta_objective` per task (kept for the attention-entropy objective,
   which is not a sum of per-row terms, and as the reference the batched path is tested against).
 
-Both draw every anchor in the same order from the same generator, and neither reads the device in
-the inner loop: finiteness is tracked on the device (`InnerResult.finite`) and read once per meta
-step; a task that turned non-finite is dropped and counted. The batched path then adapts the
-remaining tasks again without it, since the dropped row's NaNs would otherwise reach φ through the
-shared backward (0·NaN = NaN).
+Both draw every anchor in the same order from the same generator. `inner_loop` reads nothing back
+from the device: finiteness is tracked there (`InnerResult.finite`) and read once per meta step; a
+task that turned non-finite is dropped and counted. The batched path then adapts the remaining
+tasks again without it, since the dropped row's NaNs would otherwise reach φ through the shared
+backward (0·NaN = NaN). Its losses find the drafts they supervise once per meta step
+(`metattt.ttt.batched.Scored`), so no inner step waits on the device; the per-task losses select
+them by mask at every step.
 """
 
 from __future__ import annotations
