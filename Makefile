@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG := recipes/$(RECIPE).yaml
 ARGS ?=
 
-.PHONY: setup run test test-fast lint target prepare distill meta-train eval eval-full sweep guided-eval bench clean-tiny help
+.PHONY: setup run test test-fast lint target prepare distill meta-train eval eval-full sweep guided-eval bench world-results clean-tiny help
 
 help:
 	@echo "make setup            virtualenv + CPU torch 2.13.0 + metattt (editable, with dev tools)"
@@ -77,6 +77,10 @@ test-fast:
 
 lint:
 	$(PY) -m ruff check metattt tests
+
+# the README's "Results on the embedded world" from the tiny recipe's reports (make run, the AR run, sweep, guided-eval)
+world-results:
+	$(PY) scripts/world_results.py --collect
 
 clean-tiny:
 	rm -rf checkpoints/tiny

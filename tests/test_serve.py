@@ -61,7 +61,7 @@ def test_readme_python_example_runs(workspace, exported):
     block = re.search(r"### From Python\n.*?```python\n(.*?)```", text, re.S)
     assert block, "README has a '### From Python' section with a python block"
     code = block.group(1)
-    code = code.replace('"checkpoints/tiny/target"', repr(str(workspace / "target")))
+    code = code.replace('"data/tiny_target"', repr(str(workspace / "target")))
     code = code.replace('"checkpoints/tiny/meta_lora"', repr(str(exported / "meta_lora")))
     code = code.replace('"checkpoints/tiny/tokenizer"', repr(str(workspace / "target")))
     scope: dict = {}
