@@ -68,6 +68,13 @@ def test_readme_python_example_runs(workspace, exported):
     exec(compile(code, "README.md", "exec"), scope)
     out = scope["out"]
     assert out.tokens and out.tau >= 1.0
+    # the online and batched examples run in the same session, as a reader would paste them
+    for title in ("Online TTT while decoding", "Batched requests"):
+        later = re.search(rf"### {title}\n.*?```python\n(.*?)```", text, re.S)
+        assert later, f"README has a '### {title}' section with a python block"
+        exec(compile(later.group(1).replace("max_new_tokens=512", "max_new_tokens=32"), "README.md", "exec"), scope)
+    assert scope["out"].online_time > 0 and len(scope["outs"]) == 2
+    assert all(o.tokens for o in scope["outs"])
 
 
 @pytest.mark.e2e
