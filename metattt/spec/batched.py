@@ -264,6 +264,20 @@ class _Batch:
         self.rows = [self.rows[i] for i in keep]
         self.gens = [self.gens[i] for i in keep]
 
+    def commit_first(self, tokens: list[list[int]], first: list[int], eos: frozenset[int], limits: list[int],
+                     end: list[float], now: float) -> None:
+        """Commit each row's first token (the prefill's) and keep only the rows that go on; a row that
+        ends here gets `end[b] = now`."""
+        keep = []
+        for b in range(len(self.rows)):
+            if limits[b] <= 0 or commit_tokens(tokens[b], [first[b]], eos, limits[b])[1]:
+                end[b] = now
+            else:
+                keep.append(b)
+        if len(keep) < len(self.rows) and keep:
+            self.select(keep)
+        self.rows = keep
+
     def dead_slots(self) -> int:
         """Slots beyond what the row with the most live slots needs."""
         return self.valid.shape[1] - int(self.valid.sum(1).max())
@@ -359,15 +373,7 @@ def target_generate_batch(
     prefill_done = clock()
     tokens: list[list[int]] = [[] for _ in prompts]
     steps, end = [0] * R, [0.0] * R
-    keep = []
-    for b in range(R):
-        if limits[b] <= 0 or commit_tokens(tokens[b], [first[b]], eos, limits[b])[1]:
-            end[b] = prefill_done
-        else:
-            keep.append(b)
-    if len(keep) < R and keep:
-        batch.select(keep)
-    batch.rows = keep
+    batch.commit_first(tokens, first, eos, limits, end, prefill_done)
     while batch.rows:
         R = len(batch.rows)
         last = torch.tensor([[tokens[r][-1]] for r in batch.rows], device=device)  # (R, 1)
@@ -526,15 +532,7 @@ def speculative_generate_batch(
         if online is not None:
             batch.feats = out.features  # (R, C, n·H): context rebuilds need every live slot's features
         prefill_done = clock()
-        keep = []
-        for b in range(R):
-            if limits[b] <= 0 or commit_tokens(tokens[b], [first[b]], eos, limits[b])[1]:
-                end[b] = prefill_done
-            else:
-                keep.append(b)
-        if len(keep) < R and keep:
-            batch.select(keep)
-        batch.rows = keep
+        batch.commit_first(tokens, first, eos, limits, end, prefill_done)
 
         offsets = torch.arange(S, device=device)  # block position of each verified input
         while batch.rows:
