@@ -395,6 +395,40 @@ class TTTObjective:
 
 
 @dataclass
+class TTTOnlineConfig:
+    """Online updates meta-training trains the init for (`meta.ttt.online`, exported in
+    `ttt_config.json` as `online`): after the context's inner steps the continuation is walked chunk
+    by chunk, each chunk scored with the fast weights from before training on it, then an update on
+    it, as decoding's online TTT (`eval.online`, metattt.ttt.online) does every `online.every`
+    verification steps. The updates use `meta.ttt`'s lr(s), clip and objective."""
+
+    chunk: int = 0
+    """Continuation tokens between two updates (0: off; the continuation is scored once, after the context
+    steps). `online.every` verification steps commit about every × τ tokens: set it to that."""
+    steps: int = 1
+    """Inner SGD steps per update, from the current fast weights (as `online.steps`)."""
+    window: int = 64
+    """An update trains on blocks anchored in the most recent this many tokens, every label already seen
+    (as `online.window`); at least the block size."""
+    num_anchors: int = 16
+    """Blocks per update from that window (as `online.num_anchors`)."""
+    max_chunks: int = 8
+    """Continuation chunks per task at most: each adds `steps` inner steps to differentiate through; the
+    outer loss scores only the blocks anchored in them."""
+
+    def check(self, key: str) -> None:
+        _at_least(f"{key}.chunk", self.chunk, 0)
+        _at_least(f"{key}.steps", self.steps, 1)
+        _at_least(f"{key}.window", self.window, 2)
+        _at_least(f"{key}.num_anchors", self.num_anchors, 1)
+        _at_least(f"{key}.max_chunks", self.max_chunks, 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.chunk > 0
+
+
+@dataclass
 class TTTConfig:
     """What test-time training does on a prompt; meta-training exports it beside the LoRA init."""
 
@@ -411,6 +445,8 @@ class TTTConfig:
     gamma: float | None = None
     """Position decay exp(-(k-1)/γ) of the block loss; None: by block size (7 for 16, 5 for 10, 4 for 8)."""
     objective: TTTObjective = field(default_factory=TTTObjective)
+    online: TTTOnlineConfig = field(default_factory=TTTOnlineConfig)
+    """Online updates during decoding the init is meta-trained for (chunk 0: none, prefill TTT only)."""
 
     def __post_init__(self) -> None:
         self.check("meta.ttt")
@@ -427,6 +463,7 @@ class TTTConfig:
         _at_least(f"{key}.num_anchors", self.num_anchors, 1)
         if self.gamma is not None:
             _positive(f"{key}.gamma", self.gamma, "the position decay must be > 0 (or null: by block size)")
+        self.online.check(f"{key}.online")
 
     def lr_for(self, names: list[str]) -> float | dict[str, torch.Tensor]:
         if not self.learned_lrs:
@@ -447,6 +484,8 @@ class TTTConfig:
             d = json.loads(Path(path).read_text())
             known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
             known["objective"] = TTTObjective(**known.get("objective", {}))
+            # files written before online meta-training have no `online`: prefill TTT only
+            known["online"] = TTTOnlineConfig(**known.get("online", {}))
             return cls(**known)
         except RecipeError as e:
             # written by a meta-train whose learned lrs were free to go negative, or edited by hand
@@ -520,7 +559,8 @@ class MetaConfig:
     """maml (exact second order, TTT-E2E), fomaml (first order) or reptile."""
     ttt: TTTConfig = field(default_factory=TTTConfig)
     """The inner loop: steps (reptile needs > 1), lr (the initial value of learned lrs with learn_inner_lr),
-    clip, num_anchors (blocks sampled from the context), gamma, objective."""
+    clip, num_anchors (blocks sampled from the context), gamma, objective, online (the continuation walked
+    chunk by chunk with updates between chunks: meta-training for online TTT during decoding)."""
     inner_lr_warmup_steps: int = 0
     """Outer steps over which the inner lr ramps linearly from 0 (TTT-E2E warms it up)."""
     learn_inner_lr: bool = False
@@ -536,7 +576,10 @@ class MetaConfig:
     context_max: int = 192
     """Longest context (tokens)."""
     prequential: bool = False
-    """TTT-E2E's prequential outer loss: each inner step trains on the next context chunk, scored before it."""
+    """TTT-E2E's prequential outer loss over the context: each inner step trains on the next context chunk,
+    scored before it, and those scores are averaged with the continuation's (every algorithm). With
+    `meta.ttt.online` the continuation, too, is scored chunk by chunk: every chunk of the sequence is then
+    scored with the weights from before training on it."""
     checkpoint_inner_steps: bool = False
     """Recompute each inner step in the backward (saves memory of second-order graphs)."""
     batch_tasks: bool = True
@@ -571,8 +614,6 @@ class MetaConfig:
             raise ValueError(f"meta.algorithm={self.algorithm!r}: choose one of {META_ALGORITHMS}")
         if self.algorithm == "reptile" and self.ttt.steps < 2:
             raise ValueError("reptile needs meta.ttt.steps > 1 (with k = 1 it is joint training)")
-        if self.prequential and self.algorithm != "maml":
-            raise ValueError("meta.prequential needs meta.algorithm=maml")
         if self.context not in CONTEXT_MODES:
             raise ValueError(f"meta.context={self.context!r}: choose one of {CONTEXT_MODES}")
         _positive("meta.lr", self.lr)

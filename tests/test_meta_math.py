@@ -129,3 +129,99 @@ def test_non_finite_inner_loss_is_flagged_not_raised():
     out = meta_objective("maml", {"w": w}, bad, lambda p: p["w"].sum(), 2, 0.1)
     (g,) = torch.autograd.grad(out.loss, [w])
     assert torch.equal(g, torch.zeros(3))
+
+
+def _online_problem(steps: int, chunks: int, online_steps: int, prequential: bool, seed: int = 10):
+    """The quadratic task walked chunk by chunk (meta.ttt.online): inner step j (context steps first, then
+    `online_steps` per continuation chunk) descends 0.5 (w - a_j)ᵀ A_j (w - a_j), and continuation chunk c
+    scores 0.5 (w - b_c)ᵀ B_c (w - b_c). Each from `_problem`, so every step and chunk differs."""
+    total = steps + chunks * online_steps
+    inner_terms = [(A, a) for A, _, a, *_ in (_problem(seed=seed + j) for j in range(total))]  # of step j
+    outer_terms = [(B, b) for _, B, _, b, *_ in (_problem(seed=seed + 100 + c) for c in range(chunks))]
+    theta0 = _problem(seed=seed)[4]
+
+    def inner(params, step):
+        A, a = inner_terms[step if prequential or step >= steps else 0]  # one context chunk unless prequential
+        d = params["w"] - a
+        return 0.5 * d @ A @ d
+
+    def outer(params, c):
+        B, b = outer_terms[c]
+        d = params["w"] - b
+        return 0.5 * d @ B @ d
+
+    return theta0, inner_terms, outer_terms, inner, outer
+
+
+def _walk(theta0, inner_terms, steps: int, prequential: bool, alpha: float, upto: int):
+    """θ after the first `upto` inner steps, and the Jacobian dθ/dθ0 (closed forms of plain SGD)."""
+    th, J = theta0.clone(), torch.eye(len(theta0), dtype=torch.float64)
+    for j in range(upto):
+        A, a = inner_terms[j if prequential or j >= steps else 0]
+        th = th - alpha * A @ (th - a)
+        J = (torch.eye(len(theta0), dtype=torch.float64) - alpha * A) @ J
+    return th, J
+
+
+@pytest.mark.parametrize("prequential", [False, True])
+@pytest.mark.parametrize("online_steps", [1, 2])
+def test_online_meta_gradients_match_their_closed_forms(prequential, online_steps):
+    """meta.ttt.online on the quadratic task: maml is the exact gradient of Σ_c L_c(θ^(c)) (+ the context
+    chunks' prequential scores, averaged); fomaml is Σ_c ∇L_c at the weights each chunk was scored with;
+    reptile is θ0 minus the weights after every chunk's update (the last one's too)."""
+    k, chunks, alpha = 3, 4, 0.1
+    theta0, inner_terms, outer_terms, inner, outer = _online_problem(k, chunks, online_steps, prequential)
+
+    def grad(algorithm):
+        phi = {"w": theta0.clone().requires_grad_(True)}
+        out = meta_objective(algorithm, phi, inner, outer, k, alpha, clip=None, prequential=prequential,
+                             online_chunks=chunks, online_steps=online_steps)
+        return torch.autograd.grad(out.loss, [phi["w"]])[0], out
+
+    so, fo = torch.zeros_like(theta0), torch.zeros_like(theta0)
+    scores = 0.0
+    for c, (B, b) in enumerate(outer_terms):
+        th, J = _walk(theta0, inner_terms, k, prequential, alpha, k + c * online_steps)  # before chunk c's update
+        so += J.T @ B @ (th - b)
+        fo += B @ (th - b)
+        scores += 0.5 * (th - b) @ B @ (th - b)
+    if prequential:  # the context chunks, each scored before its own step
+        for j in range(k):
+            th, J = _walk(theta0, inner_terms, k, prequential, alpha, j)
+            A, a = inner_terms[j]
+            so += J.T @ A @ (th - a)
+            fo += A @ (th - a)
+        so, fo = so / (1 + k), fo / (1 + k)
+    g_maml, out = grad("maml")
+    torch.testing.assert_close(out.outer_loss, scores, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_maml, so, rtol=1e-10, atol=1e-10)
+    g_fo, _ = grad("fomaml")
+    torch.testing.assert_close(g_fo, fo, rtol=1e-10, atol=1e-10)
+    assert (g_maml - g_fo).abs().max() > 1e-3
+    g_rep, out = grad("reptile")
+    th_final, _ = _walk(theta0, inner_terms, k, prequential, alpha, k + chunks * online_steps)
+    torch.testing.assert_close(g_rep, theta0 - th_final, rtol=1e-10, atol=1e-10)
+    assert len(out.inner.losses) == k + chunks * online_steps  # reptile runs the last chunk's update too
+
+
+def test_online_maml_with_an_engaged_clip_and_learned_lr_matches_central_differences_float64():
+    k, chunks = 2, 3
+    theta0, inner_terms, _, inner, outer = _online_problem(k, chunks, 2, prequential=True, seed=20)
+    clip = 0.05
+    A, a = inner_terms[0]
+    assert torch.linalg.vector_norm(A @ (theta0 - a)) > 10 * clip  # the clip acts
+
+    def meta_loss(theta, lr):
+        w = theta if theta.requires_grad else theta.clone().requires_grad_(True)
+        return meta_objective("maml", {"w": w}, inner, outer, k, {"w": lr}, clip=clip, prequential=True,
+                              online_chunks=chunks, online_steps=2).loss
+
+    theta = theta0.clone().requires_grad_(True)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    g_theta, g_lr = torch.autograd.grad(meta_loss(theta, lr), [theta, lr])
+    eps = 1e-6
+    fd = torch.stack([(meta_loss(theta0 + eps * e, lr) - meta_loss(theta0 - eps * e, lr)) / (2 * eps)
+                      for e in torch.eye(5, dtype=torch.float64)])
+    torch.testing.assert_close(g_theta, fd.detach(), rtol=1e-7, atol=1e-10)
+    fd_lr = (meta_loss(theta0, lr.detach() + eps) - meta_loss(theta0, lr.detach() - eps)) / (2 * eps)
+    torch.testing.assert_close(g_lr, fd_lr.detach(), rtol=1e-6, atol=1e-9)

@@ -36,6 +36,10 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
         self.block_size = drafter.config.block_size
         self.gamma = cfg.ttt.gamma_for(self.block_size)
         self.objective = cfg.ttt.objective
+        online = cfg.ttt.online
+        if online.enabled and online.window < self.block_size:
+            raise RecipeError(f"meta.ttt.online.window={online.window}: an online update trains on blocks of "
+                              f"{self.block_size} tokens inside the window; make it >= the block size")
         self.fast_names = list(lora_parameters(drafter))
         if not self.fast_names:
             raise ValueError("the drafter carries no LoRA tensors: wrap it with metattt.models.lora.add_lora")
@@ -118,6 +122,7 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
             outer_anchors=self.cfg.outer_anchors, objective=self.objective, gamma=self.gamma, generator=g,
             prequential=self.cfg.prequential, checkpoint=self.cfg.checkpoint_inner_steps,
             feature_head=self.feature_head, batched=self.cfg.batch_tasks, score_before=score_before,
+            online=self.cfg.ttt.online,
         )
 
     def _log_result(self, res: MetaBatchResult, stage: str, before: BlockAccuracy, after: BlockAccuracy) -> None:

@@ -77,13 +77,15 @@ def _sgd_step(
     clip: float | None,
     clip_per_row: bool,
     create_graph: bool,
+    retain_graph: bool,
     step: int,
     *values: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     params = dict(zip(names, values))
     loss = loss_fn(params, step)  # () or (R,) per-row losses
     # row b's loss reaches only row b's fast weights, so the gradient of the sum is each row's own
-    grads = torch.autograd.grad(loss.sum(), values, create_graph=create_graph, allow_unused=True)
+    grads = torch.autograd.grad(loss.sum(), values, create_graph=create_graph, retain_graph=create_graph or retain_graph,
+                                allow_unused=True)
     grads = [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)]
     grads = clip_by_global_norm(grads, clip, clip_per_row)
     new = tuple(v - lr * g for v, lr, g in zip(values, lrs, grads))
@@ -100,6 +102,7 @@ def inner_loop(
     checkpoint: bool = False,
     clip_per_row: bool = False,
     check_finite: bool = True,
+    retain_graph: bool = False,
 ) -> InnerResult:
     """`steps` steps of SGD on `loss_fn(params, step)` over the fast weights `params`.
 
@@ -112,6 +115,9 @@ def inner_loop(
     check_finite: after the last step, look once at whether every loss and update was finite.
         False: never look (no host sync at all); `finite` says it, per row, for the caller to check
         together with the other tasks of its meta step.
+    retain_graph: keep every step's loss graph after its gradient is taken (first order), so a caller
+        can differentiate the losses themselves at the weights they were computed with (the
+        prequential scores of fomaml); implied by create_graph.
 
     Returns the adapted weights and `finite`; when a check finds a non-finite loss or gradient, the
     initial weights with `skipped=True` (the caller counts and drops the task; the run goes on).
@@ -123,10 +129,10 @@ def inner_loop(
     step_finite: list[torch.Tensor] = []  # per step, on device: reading one would stall the stream
     for step in range(steps):
         if checkpoint and create_graph:
-            out = activation_checkpoint(_sgd_step, loss_fn, names, lrs, clip, clip_per_row, create_graph, step, *values,
-                                        use_reentrant=False)
+            out = activation_checkpoint(_sgd_step, loss_fn, names, lrs, clip, clip_per_row, create_graph, retain_graph,
+                                        step, *values, use_reentrant=False)
         else:
-            out = _sgd_step(loss_fn, names, lrs, clip, clip_per_row, create_graph, step, *values)
+            out = _sgd_step(loss_fn, names, lrs, clip, clip_per_row, create_graph, retain_graph, step, *values)
         loss, new = out[0], out[1:]
         ok = torch.isfinite(loss.detach())  # () or (R,)
         for v in new:

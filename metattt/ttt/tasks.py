@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from metattt.anchors import block_targets, sample_anchors, valid_anchor_mask
-from metattt.config import CONTEXT_MODES, TTTConfig, TTTObjective
+from metattt.config import CONTEXT_MODES, TTTConfig, TTTObjective, TTTOnlineConfig
 from metattt.losses import BlockLoss, decayed_draft_ce, draft_hidden
 from metattt.models.lora import set_lora
 from metattt.ttt.inner import Functional, InnerResult, ParamDict, inner_loop
@@ -86,9 +86,39 @@ def context_anchors(task: Task, num_anchors: int, block_size: int, generator: to
     return sample_anchors(valid, num_anchors, generator)
 
 
-def continuation_anchors(task: Task, num_anchors: int, block_size: int, generator: torch.Generator):
-    valid = valid_anchor_mask(task.loss_mask, None, block_size, lo=task.context_len)
+def continuation_anchors(task: Task, num_anchors: int, block_size: int, generator: torch.Generator,
+                         end: int | None = None):
+    """Blocks anchored in the continuation; with `end`, anchored before it (online: in the scored chunks)."""
+    hi = None if end is None else end + block_size - 1
+    valid = valid_anchor_mask(task.loss_mask, None, block_size, lo=task.context_len, hi=hi)
     return sample_anchors(valid, num_anchors, generator)
+
+
+def online_chunks(task: Task, online: TTTOnlineConfig, block_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each continuation chunk the online meta-objective walks (meta.ttt.online): chunks
+    of `online.chunk` tokens from the context's end, as many as can hold a block's anchor, at most
+    `online.max_chunks`. Chunk c is scored on the blocks anchored in it; the update after it trains
+    on the tokens before its `hi`."""
+    C, T = task.context_len, task.ids.shape[1]
+    n = online.chunk
+    room = T - block_size + 1 - C  # anchors a in [C, T - S] hold a whole block
+    count = min(online.max_chunks, -(-room // n)) if room > 0 else 0
+    return [(C + c * n, min(T, C + (c + 1) * n)) for c in range(count)]
+
+
+def online_update_anchors(task: Task, end: int, online: TTTOnlineConfig, block_size: int,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors of the update once the first `end` tokens are known: up to `online.num_anchors` blocks
+    anchored in the last `online.window` of them with every label before `end`, as
+    metattt.ttt.online.online_anchors draws them over committed tokens during decoding."""
+    valid = valid_anchor_mask(task.loss_mask[:, :end], None, block_size, lo=max(1, end - online.window))
+    return sample_anchors(valid, online.num_anchors, generator)
+
+
+def chunk_anchors(anchors: torch.Tensor, anchor_ok: torch.Tensor, lo: int | torch.Tensor,
+                  hi: int | torch.Tensor) -> torch.Tensor:
+    """anchor_ok of the anchors in [lo, hi) (ints, or (R, 1) per row of (R, N) anchors)."""
+    return anchor_ok & (anchors >= lo) & (anchors < hi)
 
 
 def _attn_entropy(model) -> torch.Tensor:
