@@ -153,6 +153,7 @@ def recipe_args(ws: Path, *extra: str) -> list[str]:
         f"--target.path={ws / 'target'}", f"--corpus.dir={ws / 'corpus'}", "--corpus.build=false",
         f"--data.train_files={ws / 'corpus' / 'train.jsonl'}",
         f"--data.val_files={ws / 'corpus' / 'validation.jsonl'}",
+        "--data.feature_cache=null", "--prepare.cache_features=false",
         "--data.max_length=48", "--data.batch_size=4", "--data.pack=true", "--meta.context=random",
         "--drafter.block_size=4", "--drafter.num_hidden_layers=2",
         "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
