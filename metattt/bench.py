@@ -14,6 +14,10 @@ Sections (all written to bench/results.json, then printed as tables):
   batched       tokens/s at batch 1, 2, 4, 8, 16 for target-only, static and ttt_meta decoding, batched
                 (metattt.spec.batched), beside one request at a time; batched TTT of R prompts ÷ R
                 single TTTs (`--batched`: this section alone)
+  online        one online TTT update (metattt.ttt.online, at the recipe's eval.online) ÷ one target
+                verification forward of a block after a KV cache of a generation's length; speculative
+                decoding with updates every 1 / 4 / 16 steps beside the same without them and target-only
+                decoding: overhead, online seconds per token, speedup over target-only, τ
   scaling       maml step ÷ distill step by context length and by k
   tau           the eval stage on the recipe: τ ± s.e. for static / TTT-zero / TTT-meta per split,
                 wall-clock speedup over target-only decoding and speedup ÷ τ
@@ -24,6 +28,7 @@ timing does not depend on the weights; τ uses the trained tiny target, drafter 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -36,11 +41,11 @@ import torch
 
 from metattt.anchors import sample_anchors, valid_anchor_mask
 from metattt.atomic import atomic_write_json
-from metattt.config import Recipe, default_gamma
+from metattt.config import OnlineConfig, Recipe, default_gamma
 from metattt.losses import block_prediction_loss
 from metattt.models.base import set_attn_implementation
 from metattt.models.drafter import BlockDrafter, BlockDrafterConfig
-from metattt.models.lora import add_lora, copy_lora, lora_parameters
+from metattt.models.lora import add_lora, copy_lora, lora_parameters, set_lora
 from metattt.models.target import FrozenTarget
 from metattt.stats import fmt
 from metattt.ttt.meta import meta_batch
@@ -390,6 +395,33 @@ def _distilled_block_drafter(target, layers: int, S: int, seqs: list[torch.Tenso
     return drafter.requires_grad_(False).eval()
 
 
+def _distilled_setup(tcfg: dict, layers: int, S: int, dtype: torch.dtype, device: torch.device, n_prompts: int,
+                     n_unseen: int, prompt_lens: tuple[int, int], new_tokens: int, distill_steps: int,
+                     init_range: float, lora_r: int
+                     ) -> tuple[FrozenTarget, torch.nn.Module, list[torch.Tensor], list[torch.Tensor], list]:
+    """A random target at `tcfg`'s widths (weights of std `init_range`), `n_prompts` + `n_unseen`
+    random prompts of `prompt_lens` tokens, their greedy continuations of `new_tokens` by the target
+    (of the first `n_prompts`), and a LoRA-wrapped block drafter (peft's init, B = 0) distilled on
+    those continuations. A drafter distilled briefly on a random target's continuations does not
+    generalise to new prompts (τ ≈ 1), so the decoding sections distil it on their own prompts'
+    continuations to time a well-matched drafter. Returns target, model, prompts, unseen prompts, continuations."""
+    from metattt.spec.batched import target_generate_batch
+
+    torch.manual_seed(0)
+    target = FrozenTarget.from_config(dict(tcfg, initializer_range=init_range), num_draft_layers=layers,
+                                      dtype=dtype).to(device)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n_prompts + n_unseen,), generator=g).tolist()
+    prompts = [torch.randint(4, tcfg["vocab_size"], (n,), generator=g).to(device) for n in lengths]
+    prompts, unseen = prompts[:n_prompts], prompts[n_prompts:]
+    refs = target_generate_batch(target, prompts, new_tokens, None, max_batch_size=None)
+    seqs = [torch.cat([p, p.new_tensor(r.tokens)]) for p, r in zip(prompts, refs)]
+    drafter = _distilled_block_drafter(target, layers, S, seqs, distill_steps)
+    model = add_lora(drafter, r=lora_r, alpha=2 * lora_r).to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return target, model, prompts, unseen, refs
+
+
 def batched_costs(tcfg: dict, layers: int, S: int, dtype: torch.dtype, device: torch.device, ttt: TTTConfig,
                   batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16), new_tokens: int = 64,
                   prompt_lens: tuple[int, int] = (48, 96), reps: int = 3, distill_steps: int = 150,
@@ -414,22 +446,11 @@ def batched_costs(tcfg: dict, layers: int, S: int, dtype: torch.dtype, device: t
     from metattt.stats import distinct_n
     from metattt.ttt.batched import ttt_adapt_batched
 
-    torch.manual_seed(0)
-    target = FrozenTarget.from_config(dict(tcfg, initializer_range=init_range), num_draft_layers=layers,
-                                      dtype=dtype).to(device)
-    vocab = tcfg["vocab_size"]
-    g = torch.Generator().manual_seed(0)
     n_max = max(batch_sizes)
-    lengths = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n_max + max(unseen_at, default=0),),
-                            generator=g).tolist()
-    prompts = [torch.randint(4, vocab, (n,), generator=g).to(device) for n in lengths]
-    prompts, unseen = prompts[:n_max], prompts[n_max:]
     log.info("bench: batched decoding: distilling a drafter on the prompts' greedy continuations")
-    refs = target_generate_batch(target, prompts, new_tokens, None, max_batch_size=None)
-    seqs = [torch.cat([p, p.new_tensor(r.tokens)]) for p, r in zip(prompts, refs)]
-    drafter = _distilled_block_drafter(target, layers, S, seqs, distill_steps)
-    model = add_lora(drafter, r=lora_r, alpha=2 * lora_r).to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
+    target, model, prompts, unseen, refs = _distilled_setup(tcfg, layers, S, dtype, device, n_max,
+                                                            max(unseen_at, default=0), prompt_lens, new_tokens,
+                                                            distill_steps, init_range, lora_r)
     init = copy_lora(model)
     set_attn_implementation(model, "sdpa")
     results: dict = {"setup": {"new_tokens": new_tokens, "prompt_lens": list(prompt_lens), "init_range": init_range,
@@ -531,6 +552,143 @@ def format_batched(res: dict) -> list[str]:
     return lines
 
 
+def online_update_costs(target: FrozenTarget, model: torch.nn.Module, ttt: TTTConfig, online: OnlineConfig,
+                        context_lens: list[int], reps: int) -> list[dict]:
+    """Per committed-context length L: one online update (`OnlineTTT` at `online`'s steps,
+    num_anchors and window, on L committed tokens and their target features), the rebuild of the
+    drafter's context cache it asks for, and one target verification forward of a block (S tokens
+    after a KV cache of L), timed in turn. Each update starts from the fast weights the one before
+    left, as in decoding (`model`'s LoRA is restored afterwards). `online_over_verify` is what decoding pays per update (the rebuild
+    included where the update asks for it) ÷ one verification."""
+    from metattt.spec.decode import crop_cache
+    from metattt.ttt.online import OnlineTTT
+
+    device = next(target.parameters()).device
+    S = model.config.block_size
+    init = copy_lora(model)
+    every_step = dataclasses.replace(online, every=1)  # every call updates, whatever the recipe's `every`
+    set_attn_implementation(model, "sdpa")  # as decoding runs it
+    rows = []
+    for L in context_lens:
+        ids = _batch(target.config.vocab_size, 1, L + S, device)["input_ids"]
+        context, block = ids[:, :L], ids[:, L:]
+        with torch.no_grad():
+            out = target(context, use_cache=True, logits_to_keep=1)
+        cache, feats = out.past_key_values, out.features  # positions 0..L-1
+        # one request's hook, called again and again: each call is one update from the current fast
+        # weights, as decoding's are; the first half of the context as its prompt (only
+        # `online.prompt_anchors` reads it)
+        hook = OnlineTTT(model, init, ttt, every_step, L // 2)
+
+        def verify(block=block, cache=cache) -> None:
+            target(block, past_key_values=cache, use_cache=True)
+            crop_cache(cache, S)  # back to L positions for the next rep
+
+        runs = {"update": lambda hook=hook, context=context, feats=feats: hook(0, context, feats),
+                "rebuild": lambda feats=feats: model.extend_cache(None, feats), "verify": verify}
+        with torch.no_grad():
+            t = _interleaved_medians(runs, device, reps)
+        per_update = t["update"] + (t["rebuild"] if hook.changes_context else 0.0)
+        rows.append({"context_len": L, "update_s": t["update"], "rebuild_s": t["rebuild"], "verify_s": t["verify"],
+                     "rebuilds": hook.changes_context, "update_over_verify": t["update"] / t["verify"],
+                     "rebuild_over_verify": t["rebuild"] / t["verify"], "online_over_verify": per_update / t["verify"]})
+    set_lora(model, init)
+    return rows
+
+
+def online_decoding_costs(tcfg: dict, layers: int, S: int, dtype: torch.dtype, device: torch.device, ttt: TTTConfig,
+                          online: OnlineConfig, everies: tuple[int, ...] = (1, 4, 16), n_prompts: int = 4,
+                          prompt_lens: tuple[int, int] = (256, 512), new_tokens: int = 256, reps: int = 3,
+                          distill_steps: int = 150, init_range: float = 0.05, lora_r: int = 8) -> dict:
+    """Speculative decoding with online updates every e verification steps (e in `everies`, the rest
+    of `online` as given) beside the same decoding without them and target-only decoding: the same
+    prompts one request at a time (`new_tokens` each, EOS off, greedy), the same drafter, every
+    contender timed in turn rep by rep. The drafter and target are `_distilled_setup`'s (τ between 1
+    and S, reported beside every speed); online updates start from its LoRA init (peft's, B = 0) on
+    every request, as a request without prefill TTT does.
+
+    Per e: `overhead` = (seconds with updates − seconds without) ÷ seconds without, `online_s_per_token`
+    = the updates' own time (`GenerationResult.online_time`, rebuilds included) ÷ tokens written, and
+    `speedup` = target-only seconds ÷ seconds (for `static` too)."""
+    from metattt.spec.decode import speculative_generate, target_generate
+    from metattt.ttt.online import OnlineTTT
+
+    log.info("bench: online TTT: distilling a drafter on the prompts' greedy continuations")
+    target, model, prompts, _, _ = _distilled_setup(tcfg, layers, S, dtype, device, n_prompts, 0, prompt_lens,
+                                                    new_tokens, distill_steps, init_range, lora_r)
+    init = copy_lora(model)
+    set_attn_implementation(model, "sdpa")
+    last: dict = {}
+    updates: dict[str, int] = {}
+
+    def speculative(name: str, every: int) -> Callable[[], None]:
+        def run() -> None:
+            outs, hooks = [], []
+            for p in prompts:
+                set_lora(model, init)  # nothing an earlier request learned carries over
+                hook = OnlineTTT(model, init, ttt, dataclasses.replace(online, every=every), p.numel()) if every else None
+                outs.append(speculative_generate(target, model, p, new_tokens, None, online=hook))
+                hooks += [hook] if hook else []
+            last[name], updates[name] = outs, sum(h.updates for h in hooks)
+        return run
+
+    def target_only() -> None:
+        last["target"] = [target_generate(target, p, new_tokens, None) for p in prompts]
+
+    runs = {"target": target_only, "static": speculative("static", 0),
+            **{f"online@{e}": speculative(f"online@{e}", e) for e in everies}}
+    log.info("bench: online TTT: decoding with updates every %s steps, without them, and target-only", everies)
+    t = _interleaved_medians(runs, device, reps)
+    set_lora(model, init)
+
+    def row(name: str) -> dict:
+        outs = last[name]
+        tokens = sum(len(o.tokens) for o in outs)
+        return {"seconds": t[name], "tokens": tokens, "tokens_per_s": tokens / t[name],
+                "tau": statistics.fmean(o.tau for o in outs) if name != "target" else None,
+                "speedup": t["target"] / t[name]}
+
+    static = row("static")
+    results: dict = {"setup": {"n_prompts": n_prompts, "prompt_lens": list(prompt_lens), "new_tokens": new_tokens,
+                               "init_range": init_range, "distill_steps": distill_steps, "lora_r": lora_r,
+                               "reps": reps, "online": dataclasses.asdict(online)},
+                     "target": row("target"), "static": static, "online": []}
+    for e in everies:
+        r = row(f"online@{e}")
+        online_s = sum(o.online_time for o in last[f"online@{e}"])
+        results["online"].append({"every": e, **r, "online_s": online_s,
+                                  "updates": updates[f"online@{e}"],
+                                  "overhead": (r["seconds"] - static["seconds"]) / static["seconds"],
+                                  "online_s_per_token": online_s / r["tokens"]})
+    return results
+
+
+def format_online(res: dict) -> list[str]:
+    """The `online` section: per-update cost ÷ a verification forward, then amortized over decoding."""
+    lines = ["| committed tokens | online update ÷ verification forward | context rebuild ÷ verification | "
+             "update as decoding pays it (rebuild included) ÷ verification |", "|---|---|---|---|"]
+    for row in res["update"]:
+        lines.append(f"| {row['context_len']} | {fmt(row['update_over_verify'])} | {fmt(row['rebuild_over_verify'])} | "
+                     f"{fmt(row['online_over_verify'])} |")
+    d = res["decoding"]
+    su = d["setup"]
+    o = su["online"]
+    lines += ["", f"Online TTT while decoding: {su['n_prompts']} prompts of {su['prompt_lens'][0]}-{su['prompt_lens'][1]}"
+              f" tokens, {su['new_tokens']} new tokens each, greedy, one request at a time; random target, drafter "
+              f"distilled {su['distill_steps']} steps on these prompts' continuations; {o['steps']} step(s) on "
+              f"{o['num_anchors']} blocks of the last {o['window']} tokens per update.", "",
+              "| decoding | online every | τ | tok/s | overhead vs static | online s per token | "
+              "speedup over target |", "|---|---|---|---|---|---|---|",
+              f"| target-only | | | {fmt(d['target']['tokens_per_s'], '.0f')} | | | 1.00 |",
+              f"| static | | {fmt(d['static']['tau'])} | {fmt(d['static']['tokens_per_s'], '.0f')} | | | "
+              f"{fmt(d['static']['speedup'])} |"]
+    for row in d["online"]:
+        lines.append(f"| online | {row['every']} | {fmt(row['tau'])} | {fmt(row['tokens_per_s'], '.0f')} | "
+                     f"{fmt(100 * row['overhead'], '+.1f')} % | {fmt(row['online_s_per_token'] * 1e3, '.3f')} ms | "
+                     f"{fmt(row['speedup'])} |")
+    return lines
+
+
 def _tiny_widths(r: Recipe) -> dict:
     t = r.tiny_target
     return dict(model_type="qwen3", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
@@ -628,6 +786,18 @@ def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bo
     # the tiny recipe's widths even in the full preset: batching pays where per-step overheads dominate
     results["batched"] = batched_costs(tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers,
                                        r.drafter.block_size, torch.float32, device, ttt, reps=reps)
+    log.info("bench: online TTT: one update ÷ one verification forward, and amortized over decoding")
+    online = r.eval.online
+    everies = tuple(sorted({1, 4, 16} | ({online.every} if online.every else set())))  # and the recipe's own
+    # a context as at the end of an eval generation; the full preset at the lengths TTT ÷ prefill uses
+    context_lens = [1024, 4096] if full else [r.eval.prompt_len + r.eval.max_new_tokens]
+    results["online"] = {
+        "update": online_update_costs(target, model, ttt, online, context_lens, reps),
+        # decoding at the tiny recipe's widths even in the full preset, as `batched`: it needs a distilled drafter
+        "decoding": online_decoding_costs(tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers,
+                                          r.drafter.block_size, torch.float32, device, ttt, online, everies,
+                                          prompt_lens=(r.eval.prompt_len // 2, r.eval.prompt_len), reps=reps),
+    }
     log.info("bench: scaling")
     results["scaling"] = {
         "by_context": [{"context_len": c, **{a: v["step_ratio"] for a, v in step_costs(
@@ -678,6 +848,8 @@ def format_tables(res: dict) -> str:
         lines.append(f"| {row['k']} | {fmt(row['maml'])} | {fmt(row['fomaml'])} |")
     if res.get("batched"):
         lines += ["", *format_batched(res["batched"])]
+    if res.get("online"):
+        lines += ["", *format_online(res["online"])]
     if "tau" in res:
         lines += ["", "| split | condition | τ | ± s.e. | n | speedup | speedup ÷ τ |", "|---|---|---|---|---|---|---|"]
         for split, conds in res["tau"]["summary"].items():

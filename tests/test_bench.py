@@ -124,3 +124,44 @@ def test_batched_costs_time_every_contender_and_format_their_ratios():
     assert [row["batch"] for row in res["ttt"]] == [1, 2] and res["ttt"][0]["batched_over_one_request"] == 1.0
     text = "\n".join(format_batched(res))
     assert text.count("\n| 2 | ") == 2 and "batched ÷ one request's TTT" in text
+
+
+def test_online_costs_time_updates_and_decoding_side_by_side_and_format_their_ratios():
+    from metattt.bench import format_online, online_decoding_costs, online_update_costs
+    from metattt.config import OnlineConfig
+    from metattt.ttt.tasks import TTTConfig
+
+    ttt, online = TTTConfig(steps=1, lr=0.1, num_anchors=4), OnlineConfig(steps=1, window=8, num_anchors=4)
+    target, model = _tiny()
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    rows = online_update_costs(target, model, ttt, online, [24, 40], reps=1)
+    assert [row["context_len"] for row in rows] == [24, 40]
+    for row in rows:
+        assert row["update_over_verify"] == row["update_s"] / row["verify_s"]
+        assert row["rebuild_over_verify"] == row["rebuild_s"] / row["verify_s"]
+        # the block kind's default LoRA sits on fc / k_proj / v_proj: every update asks for a rebuild
+        assert row["rebuilds"] and row["online_over_verify"] == (row["update_s"] + row["rebuild_s"]) / row["verify_s"]
+    # the timed updates leave the model as they found it
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
+
+    tcfg = dict(qwen3_config().to_dict(), max_position_embeddings=256)
+    dec = online_decoding_costs(tcfg, layers=1, S=4, dtype=torch.float32, device=torch.device("cpu"), ttt=ttt,
+                                online=online, everies=(1, 4), n_prompts=2, prompt_lens=(12, 20), new_tokens=8,
+                                reps=1, distill_steps=2)
+    static, target_only = dec["static"], dec["target"]
+    assert target_only["tau"] is None and target_only["speedup"] == 1.0 and 1 <= static["tau"] <= 4
+    assert static["speedup"] == target_only["seconds"] / static["seconds"]
+    assert [row["every"] for row in dec["online"]] == [1, 4]
+    for row in dec["online"]:
+        # the same prompts, 8 tokens each (EOS off), timed beside decoding without updates
+        assert row["tokens"] == 16 and 1 <= row["tau"] <= 4
+        assert row["overhead"] == (row["seconds"] - static["seconds"]) / static["seconds"]
+        assert row["online_s_per_token"] == row["online_s"] / row["tokens"]
+        assert row["speedup"] == target_only["seconds"] / row["seconds"]
+    assert dec["online"][0]["updates"] > 0 and dec["online"][0]["online_s"] > 0
+    text = "\n".join(format_online({"update": rows, "decoding": dec}))
+    assert "| 40 | " in text and "\n| online | 1 | " in text and "\n| online | 4 | " in text
+    res = {"machine": {"device": "cpu", "torch": torch.__version__, "preset": "quick"}, "setup": {},
+           "meta_step": {a: {"step_ratio": 2.0, "mem_ratio": 3.0} for a in ("maml", "fomaml", "reptile")},
+           "ttt_prefill": [], "scaling": {"by_context": [], "by_k": []}, "online": {"update": rows, "decoding": dec}}
+    assert text in format_tables(res)
