@@ -25,13 +25,21 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _train_time(rep: dict) -> str:
+    minutes = rep["train_time_s"] / 60
+    timed_from = rep.get("timed_from_step", 0)
+    if timed_from:  # resumed from a state that kept no time: only the steps after it were timed
+        return f"steps {timed_from}-{rep['steps']} took {minutes:.0f} min on {rep['config'].get('threads', '?')} threads"
+    return f"{minutes:.0f} min of training on {rep['config'].get('threads', '?')} threads"
+
+
 def target_section(rep: dict) -> list[str]:
     c = rep["config"]
     lines = [f"**The target** (`data/tiny_target`, `{rep.get('command', 'make target')}`): a Qwen3-style LM, "
              f"{rep['params'] / 1e6:.2f}M parameters (width {c['hidden_size']}, {c['num_layers']} layers, "
              f"{c['vocab_size']}-token BPE), {rep['steps']} steps of {c['batch_size']} × {c['seq_len']} tokens = "
              f"{rep['tokens_seen'] / 1e6:.1f}M tokens seen ({rep['epochs']:.1f} epochs of "
-             f"{rep['train_tokens'] / 1e6:.1f}M), {rep['train_time_s'] / 60:.0f} min of training, seed {c['seed']}.", "",
+             f"{rep['train_tokens'] / 1e6:.1f}M), seed {c['seed']}; {_train_time(rep)}.", "",
              "| held-out split | loss (nats/token) | bits/byte | greedy distinct-4 | sampled (T=1) distinct-4 | "
              "reference distinct-4 | EOS at document end |", "|---|---|---|---|---|---|---|"]
     for name, loss in rep["heldout_loss"].items():

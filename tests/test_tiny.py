@@ -246,9 +246,12 @@ def test_train_target_resumes_exactly_where_an_uninterrupted_run_ends(corpus, to
     with pytest.raises(KeyboardInterrupt):
         train_target(corpus, tokenizer_dir, tmp_path / "b", _minuscule(max_steps=10))
     assert (tmp_path / "b.work" / train_mod.STATE_NAME).is_file() and not (tmp_path / "b").exists()
+    saved = torch.load(tmp_path / "b.work" / train_mod.STATE_NAME, weights_only=False)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     resumed = train_target(corpus, tokenizer_dir, tmp_path / "b", _minuscule(max_steps=10))
     assert resumed["loss_curve"] == full["loss_curve"]
+    # the time of the interrupted run's saved steps counts in the report's training time
+    assert resumed["timed_from_step"] == 0 and resumed["train_time_s"] >= round(saved["train_time_s"], 1) > 0
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

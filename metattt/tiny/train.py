@@ -222,6 +222,9 @@ def train_target(corpus_dir: Path, tokenizer: Any, out_dir: Path, config: TinyTa
     # --- resume: the state holds weights, optimizer, step, the batch order and the loss curve
     state_path = work_dir / STATE_NAME
     step, loss_curve = 0, []
+    # training time adds up over resumed runs; a state without it (older builds) leaves the time of
+    # the steps before it unknown, and the report says from which step it was timed
+    time_before, timed_from = 0.0, 0
     gen = torch.Generator().manual_seed(cfg.seed)
     order, cursor = torch.randperm(len(data), generator=gen), 0
     if state_path.is_file():
@@ -231,6 +234,7 @@ def train_target(corpus_dir: Path, tokenizer: Any, out_dir: Path, config: TinyTa
             optimizer.load_state_dict(state["optimizer"])
             step, loss_curve, order, cursor = state["step"], state["loss_curve"], state["order"], state["cursor"]
             gen.set_state(state["generator"])
+            time_before, timed_from = state.get("train_time_s", 0.0), state.get("timed_from_step", step)
             log.info("resuming the tiny target's training at step %d from %s", step, state_path)
         else:
             log.info("ignoring %s: it was written for another configuration", state_path)
@@ -273,8 +277,10 @@ def train_target(corpus_dir: Path, tokenizer: Any, out_dir: Path, config: TinyTa
             work_dir.mkdir(parents=True, exist_ok=True)
             atomic_torch_save({"fingerprint": cfg.fingerprint(), "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(), "step": step, "loss_curve": loss_curve,
-                          "order": order, "cursor": cursor, "generator": gen.get_state()}, state_path)
-    train_time = time.perf_counter() - t_train
+                          "order": order, "cursor": cursor, "generator": gen.get_state(),
+                          "train_time_s": time_before + time.perf_counter() - t_train,
+                          "timed_from_step": timed_from}, state_path)
+    train_time = time_before + time.perf_counter() - t_train
 
     # --- publish: bf16 weights; the report is measured on exactly what is shipped
     model = model.to(torch.bfloat16)
@@ -287,6 +293,7 @@ def train_target(corpus_dir: Path, tokenizer: Any, out_dir: Path, config: TinyTa
             "params": n_params, "steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
             "train_tokens": int(len(train_ids)), "train_tokens_per_domain": domain_tokens,
             "epochs": step * cfg.batch_size / len(data), "train_time_s": round(train_time, 1),
+            "timed_from_step": timed_from,
             "loss_curve": loss_curve, "config": dataclasses.asdict(cfg), "torch": torch.__version__,
             "command": command or " ".join(["python", "-m", "metattt", *sys.argv[1:]]),
             "weights_file": "model.safetensors", "weights_sha256": file_sha256(tmp_dir / "model.safetensors"),
