@@ -41,13 +41,18 @@ def section(root: Path) -> str:
     return "\n".join(parts)
 
 
-def main(root: Path = Path(".")) -> None:
-    readme = root / "README.md"
+def replace_section(readme: Path, begin: str, end: str, heading: str, body: str) -> None:
+    """Put `body` (which starts with `begin` and ends with `end`) where those markers are in the README,
+    or at its end under `heading` the first time."""
     text = readme.read_text()
-    if BEGIN not in text:
-        text = text.rstrip() + "\n\n## Results\n\n" + BEGIN + "\n" + END + "\n"
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section(root), text, flags=re.S)
+    if begin not in text:
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + begin + "\n" + end + "\n"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S)
     readme.write_text(text)
+
+
+def main(root: Path = Path(".")) -> None:
+    replace_section(root / "README.md", BEGIN, END, "Results", section(root))
 
 
 if __name__ == "__main__":

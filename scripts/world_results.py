@@ -12,9 +12,10 @@ goals of the embedded-world issue mechanically.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
+
+from readme_results import replace_section  # scripts/ is on sys.path when a script here runs
 
 from metattt.stats import fmt, fmt_difference
 
@@ -213,12 +214,7 @@ def collect(root: Path) -> None:
 
 
 def main(root: Path = Path(".")) -> None:
-    readme = root / "README.md"
-    text = readme.read_text()
-    if BEGIN not in text:
-        text = text.rstrip() + "\n\n## Results on the embedded world\n\n" + BEGIN + "\n" + END + "\n"
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section(root), text, flags=re.S)
-    readme.write_text(text)
+    replace_section(root / "README.md", BEGIN, END, "Results on the embedded world", section(root))
 
 
 if __name__ == "__main__":

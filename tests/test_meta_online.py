@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from conftest import check_meta_gradient_by_central_differences, recipe_args
+from test_meta_batched import CASES as BATCHED_CASES
 from test_meta_batched import S, _batch, _float64_problem, _lrs, _models, _run
 
 import metattt.ttt.meta as meta_module
@@ -18,19 +19,12 @@ from metattt.config import MetaConfig, TTTOnlineConfig
 from metattt.errors import RecipeError
 from metattt.lit.meta import MetaTrainModule
 from metattt.models.lora import lora_parameters
-from metattt.ttt.tasks import TTTConfig, TTTObjective, make_tasks, online_chunks
+from metattt.ttt.tasks import TTTConfig, make_tasks, online_chunks
 
 ONLINE = TTTOnlineConfig(chunk=6, steps=2, window=8, num_anchors=4, max_chunks=4)
 
-CASES = {
-    "maml": dict(algorithm="maml"),
-    "maml_checkpointed": dict(algorithm="maml", checkpoint=True),
-    "maml_prequential": dict(algorithm="maml", prequential=True, steps=3),
-    "maml_clm_feature": dict(algorithm="maml", objective=TTTObjective(block=1.0, clm=0.5, feature=0.5)),
-    "fomaml": dict(algorithm="fomaml"),
-    "fomaml_prequential": dict(algorithm="fomaml", prequential=True, steps=3),
-    "reptile": dict(algorithm="reptile", steps=3),
-}
+# the batched-vs-per-task cases, plus prequential first order (online meta-training allows it)
+CASES = {**BATCHED_CASES, "fomaml_prequential": dict(algorithm="fomaml", prequential=True, steps=3)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
