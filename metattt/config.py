@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -529,15 +529,17 @@ class TTTOverrides:
 @dataclass
 class OnlineConfig:
     """Online TTT during decoding (metattt.ttt.online): the drafter keeps learning from the tokens the
-    target commits, within one request, from the weights it started decoding with."""
+    target commits, within one request, from the weights it started decoding with. `steps`, `window`
+    and `num_anchors` left at None take what the meta-learned init was trained for (`ttt_config.json`
+    `online`, when it was meta-trained with online chunks), else 1 / 64 / 16."""
 
     every: int = 4
     """An update after every this many verification steps (0: off)."""
-    steps: int = 1
+    steps: int | None = None
     """Inner SGD steps per update, from the current fast weights."""
-    window: int = 64
+    window: int | None = None
     """Blocks are anchored in the most recent this many committed tokens."""
-    num_anchors: int = 16
+    num_anchors: int | None = None
     """Blocks per update from that window."""
     prompt_anchors: int = 0
     """Blocks of the prompt mixed into every update."""
@@ -545,8 +547,23 @@ class OnlineConfig:
     """Scalar inner lr of the updates; None: the TTT settings' (learned lrs where exported)."""
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.steps < 1 or self.window < 2 or self.num_anchors < 1 or self.prompt_anchors < 0:
-            raise ValueError("online: every >= 0, steps >= 1, window >= 2, num_anchors >= 1, prompt_anchors >= 0")
+        self.check("eval.online")
+
+    def check(self, key: str) -> None:
+        _at_least(f"{key}.every", self.every, 0)
+        for name, low in (("steps", 1), ("window", 2), ("num_anchors", 1)):
+            if getattr(self, name) is not None:
+                _at_least(f"{key}.{name}", getattr(self, name), low)
+        _at_least(f"{key}.prompt_anchors", self.prompt_anchors, 0)
+        if self.lr is not None:
+            _positive(f"{key}.lr", self.lr, "an inner learning rate must be > 0 (a negative one ascends the loss)")
+
+    def resolved(self, trained: TTTOnlineConfig) -> OnlineConfig:
+        """Every None filled: from `trained` (the exported init's `online`) when the init was
+        meta-trained for online updates, else from the defaults of `TTTOnlineConfig`."""
+        source = trained if trained.enabled else TTTOnlineConfig()
+        return replace(self, **{n: getattr(source, n) for n in ("steps", "window", "num_anchors")
+                                if getattr(self, n) is None})
 
 
 @dataclass

@@ -207,6 +207,7 @@ def evaluate(r: Recipe) -> dict | None:
     if s.meta_path is None and any(c in needs_meta for c in cfg.conditions):
         log.warning("no meta-learned LoRA found: skipping conditions %s", "/".join(needs_meta))
         cfg = replace(cfg, conditions=[c for c in cfg.conditions if c not in needs_meta])
+    cfg = replace(cfg, online=cfg.online.resolved(s.ttt.online))  # the report records what ran
     plan = condition_plan(cfg, s.ttt)
     prompts = []
     for split, files in cfg.splits.items():

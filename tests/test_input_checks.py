@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import MASK_ID, qwen3_config
 
-from metattt.config import DistillConfig, EvalConfig, MetaConfig, TTTConfig, TTTOverrides
+from metattt.config import DistillConfig, EvalConfig, MetaConfig, OnlineConfig, TTTConfig, TTTOverrides
 from metattt.errors import RecipeError
 
 V, S = 24, 4
@@ -27,6 +27,9 @@ V, S = 24, 4
     (lambda: EvalConfig(ttt=TTTOverrides(lr=-0.1)), "eval.ttt.lr"),
     (lambda: EvalConfig(grid_lrs=[0.1, -0.1]), "eval.grid_lrs"),
     (lambda: EvalConfig(conditions=["static", "ttt_mta"]), "eval.conditions"),
+    (lambda: EvalConfig(online=OnlineConfig(every=-1)), "eval.online.every"),
+    (lambda: EvalConfig(online=OnlineConfig(window=1)), "eval.online.window"),
+    (lambda: EvalConfig(online=OnlineConfig(lr=-0.5)), "eval.online.lr"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(build, key):
     with pytest.raises(RecipeError) as e:

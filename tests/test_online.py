@@ -159,3 +159,25 @@ def test_lora_off_the_context_modules_asks_for_no_rebuild(target):
     q_only = add_lora(BlockDrafter(cfg).attach_target(target), r=4, alpha=8, target_modules=["q_proj"])
     online = OnlineTTT(q_only, copy_lora(q_only), TTTConfig(), ONLINE, 8, seed=0)
     assert not online.changes_context and len(lora_parameters(q_only)) == 4
+
+
+def test_online_settings_left_unset_are_the_ones_the_init_was_meta_trained_for():
+    from metattt.config import TTTOnlineConfig
+
+    trained = TTTOnlineConfig(chunk=12, steps=2, window=40, num_anchors=9)
+    mine = OnlineConfig(every=3, window=24).resolved(trained)
+    assert (mine.every, mine.steps, mine.window, mine.num_anchors) == (3, 2, 24, 9)
+    # an init meta-trained for prefill TTT only says nothing about online updates: the defaults
+    untrained = OnlineConfig().resolved(TTTOnlineConfig(chunk=0, steps=5, window=100, num_anchors=3))
+    assert (untrained.steps, untrained.window, untrained.num_anchors) == (1, 64, 16)
+
+
+def test_online_updates_run_the_exported_online_settings_unless_told_otherwise(target):
+    from metattt.config import TTTOnlineConfig
+
+    cfg = BlockDrafterConfig.from_target(target.config, mask_token_id=MASK_ID, target_layer_ids=target.layer_ids,
+                                         num_hidden_layers=2, block_size=S)
+    model = add_lora(BlockDrafter(cfg).attach_target(target), r=4, alpha=8)
+    ttt = TTTConfig(online=TTTOnlineConfig(chunk=8, steps=2, window=40, num_anchors=5))
+    assert OnlineTTT(model, None, ttt, OnlineConfig(), 8).cfg.window == 40
+    assert OnlineTTT(model, None, ttt, OnlineConfig(window=12), 8).cfg.window == 12

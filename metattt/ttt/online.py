@@ -50,13 +50,15 @@ class OnlineTTT:
     """The online updates of one request (a `speculative_generate(..., online=...)` hook).
 
     `start`: the fast weights decoding begins with; None: whatever LoRA `model` carries at the first
-    update (what prefill TTT wrote, or the init). They are written into `model` on every update. `ttt` gives the inner lr(s), clip, objective and γ;
-    `cfg` when, how much and on what to train.
+    update (what prefill TTT wrote, or the init). They are written into `model` on every update.
+    `ttt` gives the inner lr(s), clip, objective and γ; `cfg` when, how much and on what to train
+    (what it leaves at None comes from `ttt.online`, the online settings the init was trained for).
     """
 
     def __init__(self, model: nn.Module, start: ParamDict | None, ttt: TTTConfig, cfg: OnlineConfig,
                  prompt_len: int, seed: int = 0, feature_head: nn.Module | None = None):
-        self.model, self.ttt, self.cfg, self.prompt_len = model, ttt, cfg, prompt_len
+        self.model, self.ttt, self.prompt_len = model, ttt, prompt_len
+        self.cfg = cfg.resolved(ttt.online)
         self.params = None if start is None else {n: t.detach().clone() for n, t in start.items()}
         self.generator = torch.Generator().manual_seed(seed)
         self.feature_head = feature_head
