@@ -3,13 +3,12 @@ decodes alone, greedy and sampled, with per-row LoRA, prefill TTT and online upd
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
 import torch
 from conftest import MASK_ID, greedy_sequences, train_on_target, varied_target
-from test_spec import chi_square_pvalue
+from test_spec import K, V, chi_square_pvalue, decode_index, exact_joint
 
 from metattt.config import OnlineConfig, TTTConfig
 from metattt.losses import block_prediction_loss
@@ -20,7 +19,7 @@ from metattt.models.lora import add_lora, copy_lora, set_lora
 from metattt.serve import TTTSpeculator
 from metattt.spec import decode
 from metattt.spec.batched import prefill_ttt_batched, speculative_generate_batch, target_generate_batch
-from metattt.spec.decode import sampling_probs, speculative_generate, target_generate
+from metattt.spec.decode import speculative_generate, target_generate
 from metattt.ttt.batched import ttt_adapt_batched
 from metattt.ttt.online import OnlineTTT
 from metattt.ttt.tasks import prefill_ttt, ttt_adapt
@@ -223,7 +222,7 @@ def test_online_updates_per_row_equal_each_request_alone(target, lora_model):
 
 # --- sampling: the target's distribution, per row ---------------------------------------------
 
-V, SB, K = 8, 3, 4  # vocab, block size, new tokens per run
+SB = 3  # block size; vocab V and new tokens per run K are test_spec's, whose exact_joint enumerates them
 PROMPTS = [torch.tensor([3, 5, 2, 6]), torch.tensor([0, 0]), torch.tensor([4, 3, 3, 6, 4, 7, 7])]  # ragged, not too peaked
 
 
@@ -238,7 +237,7 @@ def sampling_models():
     opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
     batches = []
     for prompt in PROMPTS:
-        seqs = _decode_index(torch.multinomial(_exact_joint(target, prompt, 1.0, 1.0), 256, replacement=True,
+        seqs = decode_index(torch.multinomial(exact_joint(target, 1.0, 1.0, prompt), 256, replacement=True,
                                                generator=g))
         ids = torch.cat([prompt.expand(256, -1), seqs], 1)
         batches.append((ids, target(ids).features, torch.full((256, 1), prompt.numel())))
@@ -252,24 +251,6 @@ def sampling_models():
             opt.step()
     drafter.requires_grad_(False)
     return target, drafter
-
-
-def _decode_index(idx: torch.Tensor) -> torch.Tensor:
-    return torch.stack([idx // V ** (K - 1 - j) % V for j in range(K)], -1)
-
-
-def _exact_joint(target, prompt: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """P(t_1..t_K | prompt) under tempered top-p sampling, by enumerating every prefix: (V^K,)."""
-    P = prompt.numel()
-    prefixes = torch.tensor(list(itertools.product(range(V), repeat=K - 1)))  # (V^(K-1), K-1)
-    logits = target(torch.cat([prompt.expand(len(prefixes), -1), prefixes], 1)).logits
-    probs = sampling_probs(logits[:, P - 1:], temperature, top_p)  # (M, K, V)
-    seqs = _decode_index(torch.arange(V ** K))
-    row = (seqs[:, : K - 1] * V ** torch.arange(K - 2, -1, -1)).sum(-1)
-    joint = torch.ones(V ** K)
-    for j in range(K):
-        joint = joint * probs[row, j, seqs[:, j]]
-    return joint
 
 
 def _batched_counts(target, drafter, runs: int, temperature: float, top_p: float, rule: str, seed: int):
@@ -297,7 +278,7 @@ def test_sampling_keeps_the_target_distribution_in_every_row(sampling_models, ru
     counts, accepted = _batched_counts(target, drafter, 600, temperature, top_p, rule, seed=0)
     assert (accepted > 20).all(), f"acceptance histogram {accepted.tolist()}"
     for b, prompt in enumerate(PROMPTS):
-        p = chi_square_pvalue(counts[b], _exact_joint(target, prompt, temperature, top_p))
+        p = chi_square_pvalue(counts[b], exact_joint(target, temperature, top_p, prompt))
         assert p > ALPHA, f"{rule}, row {b}: output distribution differs from the target's (p = {p:.2e})"
 
 
@@ -309,7 +290,7 @@ def test_the_batched_sampling_test_rejects_a_wrong_rule(sampling_models, monkeyp
     target, drafter = sampling_models
     monkeypatch.setitem(decode.ACCEPT_RULES, "wrong", accept_every_draft)
     counts, _ = _batched_counts(target, drafter, 400, 1.0, 1.0, "wrong", seed=0)
-    assert max(chi_square_pvalue(counts[b], _exact_joint(target, p, 1.0, 1.0)) for b, p in enumerate(PROMPTS)) < ALPHA
+    assert max(chi_square_pvalue(counts[b], exact_joint(target, 1.0, 1.0, p)) for b, p in enumerate(PROMPTS)) < ALPHA
 
 
 @pytest.mark.parametrize("rule", ["exact", "speculative", "dflash"])

@@ -286,9 +286,9 @@ def sampling_models():
     torch.set_num_threads(1)
     target = varied_target(vocab_size=V, layers=2, init=0.6)
     drafter = _drafter(target, block_size=SB, layers=1)
-    joint = _exact_joint(target, 1.0, 1.0)
+    joint = exact_joint(target, 1.0, 1.0)
     g = torch.Generator().manual_seed(123)
-    seqs = _decode_index(torch.multinomial(joint, 512, replacement=True, generator=g))  # (512, K)
+    seqs = decode_index(torch.multinomial(joint, 512, replacement=True, generator=g))  # (512, K)
     ids = torch.cat([PROMPT.expand(512, -1), seqs], 1)
     attn = torch.ones_like(ids)
     anchors, ok = torch.full((512, 1), PROMPT.shape[1]), torch.ones(512, 1, dtype=torch.bool)
@@ -303,18 +303,19 @@ def sampling_models():
     return target, drafter
 
 
-def _decode_index(idx: torch.Tensor) -> torch.Tensor:
+def decode_index(idx: torch.Tensor) -> torch.Tensor:
     """Base-V index of a K-token sequence -> the tokens (..., K)."""
     return torch.stack([idx // V ** (K - 1 - j) % V for j in range(K)], -1)
 
 
-def _exact_joint(target: FrozenTarget, temperature: float, top_p: float) -> torch.Tensor:
-    """P(t_1..t_K | PROMPT) under tempered top-p sampling, by enumerating every prefix: (V^K,)."""
-    P = PROMPT.shape[1]
+def exact_joint(target: FrozenTarget, temperature: float, top_p: float, prompt: torch.Tensor = PROMPT) -> torch.Tensor:
+    """P(t_1..t_K | prompt) under tempered top-p sampling, by enumerating every prefix: (V^K,)."""
+    prompt = prompt.reshape(1, -1)
+    P = prompt.shape[1]
     prefixes = torch.tensor(list(itertools.product(range(V), repeat=K - 1)))  # (V^(K-1), K-1)
-    logits = target(torch.cat([PROMPT.expand(len(prefixes), -1), prefixes], 1)).logits  # (M, P+K-1, V)
+    logits = target(torch.cat([prompt.expand(len(prefixes), -1), prefixes], 1)).logits  # (M, P+K-1, V)
     probs = sampling_probs(logits[:, P - 1:], temperature, top_p)  # (M, K, V): next-token dists
-    seqs = _decode_index(torch.arange(V ** K))  # (V^K, K)
+    seqs = decode_index(torch.arange(V ** K))  # (V^K, K)
     row = (seqs[:, : K - 1] * V ** torch.arange(K - 2, -1, -1)).sum(-1)  # index of the K-1 prefix
     joint = torch.ones(V ** K)
     for j in range(K):
@@ -367,7 +368,7 @@ def test_sampling_keeps_the_target_distribution(sampling_models, rule, temperatu
     counts, accepted = _sample_counts(target, drafter, 1500, temperature, top_p, rule, seed=0)
     # every path ran: rejection of the first draft, partial acceptance, whole block + bonus
     assert (accepted > 20).all(), f"acceptance histogram {accepted.tolist()}"
-    p = chi_square_pvalue(counts, _exact_joint(target, temperature, top_p))
+    p = chi_square_pvalue(counts, exact_joint(target, temperature, top_p))
     assert p > ALPHA, f"{rule}: output distribution differs from the target's (p = {p:.2e})"
 
 
@@ -407,7 +408,7 @@ def test_dflash_protocol_is_greedy_lossless(greedy_target, trained_drafter):
 def test_target_sampling_matches_enumeration(sampling_models):
     target, _ = sampling_models
     counts, _ = _sample_counts(target, None, 500, 0.8, 0.9, "target", seed=1)
-    assert chi_square_pvalue(counts, _exact_joint(target, 0.8, 0.9)) > ALPHA
+    assert chi_square_pvalue(counts, exact_joint(target, 0.8, 0.9)) > ALPHA
 
 
 def _accept_every_draft(p, q, drafts, generator):
@@ -429,7 +430,7 @@ def test_the_sampling_test_rejects_a_wrong_rule(sampling_models, monkeypatch, wr
     target, drafter = sampling_models
     monkeypatch.setitem(decode.ACCEPT_RULES, "wrong", wrong)
     counts, _ = _sample_counts(target, drafter, 600, 1.0, 1.0, "wrong", seed=0)
-    p = chi_square_pvalue(counts, _exact_joint(target, 1.0, 1.0))
+    p = chi_square_pvalue(counts, exact_joint(target, 1.0, 1.0))
     assert p < ALPHA, f"a wrong rule passed the distribution test (p = {p:.2e})"
 
 
