@@ -31,7 +31,7 @@ from metattt.anchors import block_targets, valid_anchor_mask
 from metattt.losses import draft_hidden
 from metattt.models.batched_lora import batched_lora, repeat_lora, stack_lora, unstack_lora
 from metattt.ttt.inner import Functional, InnerResult, ParamDict, inner_loop
-from metattt.ttt.tasks import Task, TTTConfig, TTTObjective, context_anchors, ttt_adapt
+from metattt.ttt.tasks import Task, TTTConfig, TTTObjective, context_anchors, feature_error, ttt_adapt
 
 
 def pad_prompts(
@@ -196,13 +196,7 @@ def batched_context_loss(
             total = total + objective.block * _row_weighted_ce(hidden, f.logits, targets.block,
                                                                chunk_rows(cfg.vocab_size))
         if objective.feature:
-            if feature_head is None:
-                raise ValueError("objective.feature > 0 needs a feature_head")
-            H = hidden.shape[-1]
-            # block position k stands where the target's state at a+k-1 predicts token a+k
-            pos = (anchors[:, :, None] + torch.arange(S - 1, device=ids.device)).clamp(max=ids.shape[1] - 1)
-            want = features[..., -H:].gather(1, pos.flatten(1)[..., None].expand(-1, -1, H)).view(*pos.shape, H)
-            err = (feature_head(hidden) - want.to(hidden.dtype)).pow(2).mean(-1)  # (R, N, S-1)
+            err = feature_error(feature_head, hidden, features, anchors, ids.shape[1])  # (R, N, S-1)
             m = targets.block.weights > 0
             total = total + objective.feature * (err * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1)
     if targets.clm is not None:

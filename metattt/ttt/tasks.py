@@ -126,6 +126,20 @@ def _attn_entropy(model) -> torch.Tensor:
     return torch.stack(values).mean() if values else torch.zeros(())
 
 
+def feature_error(feature_head: torch.nn.Module | None, hidden: torch.Tensor, features: torch.Tensor,
+                  anchors: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The feature objective's squared error per block position, (B, N, S-1): the drafter's hidden
+    states `hidden` (B, N, S-1, H) through `feature_head` against the target's last tapped state
+    (the last H channels of `features`, (B, C, n·H))."""
+    if feature_head is None:
+        raise ValueError("objective.feature > 0 needs a feature_head")
+    H, k = hidden.shape[-1], hidden.shape[-2]
+    # block position k stands where the target's state at a+k-1 predicts token a+k
+    pos = (anchors[:, :, None] + torch.arange(k, device=anchors.device)).clamp(max=seq_len - 1)
+    want = features[..., -H:].gather(1, pos.flatten(1)[..., None].expand(-1, -1, H)).view(*pos.shape, H)
+    return (feature_head(hidden) - want.to(hidden.dtype)).pow(2).mean(-1)
+
+
 def context_loss(
     f,  # drafter-like callable: Functional(model, fast) or the model itself
     ids: torch.Tensor,  # (1, C) context tokens
@@ -147,13 +161,7 @@ def context_loss(
         if objective.block:
             total = total + objective.block * decayed_draft_ce(hidden, f.logits, labels, w).loss
         if objective.feature:
-            if feature_head is None:
-                raise ValueError("objective.feature > 0 needs a feature_head")
-            H = hidden.shape[-1]
-            # block position k stands where the target's state at a+k-1 predicts token a+k
-            pos = (anchors[:, :, None] + torch.arange(S - 1, device=ids.device)).clamp(max=ids.shape[1] - 1)
-            want = features[..., -H:].gather(1, pos.flatten(1)[..., None].expand(-1, -1, H)).view(*pos.shape, H)
-            err = (feature_head(hidden) - want.to(hidden.dtype)).pow(2).mean(-1)  # (1, N, S-1)
+            err = feature_error(feature_head, hidden, features, anchors, ids.shape[1])  # (1, N, S-1)
             total = total + objective.feature * (err * (w > 0)).sum() / (w > 0).sum().clamp_min(1)
         if objective.attn_entropy:
             total = total + objective.attn_entropy * _attn_entropy(f.model if isinstance(f, Functional) else f)
