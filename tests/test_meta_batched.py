@@ -80,12 +80,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_batched_meta_step_equals_per_task_with_a_non_finite_task_dropped_in_both(case):
+def run_both_with_a_nan_task(case: str, check_tasks=None, **kw):
+    """One meta step per task and one batched, on 4 ragged tasks of which task 2 has a NaN feature
+    (its inner loss is NaN from the first step on) -> ((result, grads) per task, (result, grads)
+    batched, φ, lrs); grads are of the meta loss w.r.t. φ, the lrs and the feature head."""
     target, model = _models()
     batch = _batch()
     feats = target(batch["input_ids"]).features.clone()
-    feats[2, 0] = float("nan")  # task 2's inner loss is NaN from its first step on
+    feats[2, 0] = float("nan")
     phi = lora_parameters(model)
     lrs = _lrs(model)
     head = torch.nn.Linear(32, 32, bias=False) if "feature" in case else None
@@ -93,18 +95,22 @@ def test_batched_meta_step_equals_per_task_with_a_non_finite_task_dropped_in_bot
     got = {}
     for batched in (False, True):
         tasks = make_tasks(batch, feats, 10, 20, S, torch.Generator().manual_seed(3))
-        assert len({t.context_len for t in tasks}) > 1 and len(tasks) == 4
-        res = _run(model, phi, tasks, batched, lr=lrs, clip=0.5, feature_head=head, **CASES[case])
+        if check_tasks:
+            check_tasks(tasks)
+        res = _run(model, phi, tasks, batched, lr=lrs, clip=0.5, feature_head=head, **kw)
         got[batched] = res, torch.autograd.grad(res.loss, trained, allow_unused=True)
-    (per_task, g_per_task), (rows, g_rows) = got[False], got[True]
+    return got[False], got[True], phi, lrs
+
+
+def assert_same_meta_step(per_task, g_per_task, rows, g_rows) -> None:
+    """The batched step dropped the same task and gave the same loss, meta-gradient, inner losses and
+    per-block outer losses as the per-task step."""
     assert (per_task.used, per_task.skipped) == (rows.used, rows.skipped) == (3, 1)
     torch.testing.assert_close(rows.loss, per_task.loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_rows, g_per_task):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    if case != "reptile":  # reptile's meta-gradient is φ − mean θ_k: nothing for the lrs
-        assert all(g.abs().max() > 1e-4 for g in g_rows[len(phi):len(phi) + len(lrs)])  # the lrs learn
     torch.testing.assert_close(rows.inner, per_task.inner, rtol=1e-6, atol=1e-6)
     for mine, theirs in ((rows.after, per_task.after), (rows.before, per_task.before)):
         assert len(mine) == len(theirs)
@@ -113,6 +119,17 @@ def test_batched_meta_step_equals_per_task_with_a_non_finite_task_dropped_in_bot
             n = y.weights.shape[1]  # a padded row has more (weightless) blocks than its task alone
             assert torch.equal(x.weights[:, :n], y.weights) and not x.weights[:, n:].any()
             assert torch.equal(x.correct[:, :n] & (y.weights > 0), y.correct & (y.weights > 0))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_meta_step_equals_per_task_with_a_non_finite_task_dropped_in_both(case):
+    def ragged(tasks):
+        assert len({t.context_len for t in tasks}) > 1 and len(tasks) == 4
+
+    (per_task, g_per_task), (rows, g_rows), phi, lrs = run_both_with_a_nan_task(case, ragged, **CASES[case])
+    assert_same_meta_step(per_task, g_per_task, rows, g_rows)
+    if case != "reptile":  # reptile's meta-gradient is φ − mean θ_k: nothing for the lrs
+        assert all(g.abs().max() > 1e-4 for g in g_rows[len(phi):len(phi) + len(lrs)])  # the lrs learn
 
 
 def _float64_problem():

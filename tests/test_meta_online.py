@@ -12,7 +12,16 @@ import pytest
 import torch
 from conftest import check_meta_gradient_by_central_differences, recipe_args
 from test_meta_batched import CASES as BATCHED_CASES
-from test_meta_batched import S, _batch, _float64_problem, _lrs, _models, _run
+from test_meta_batched import (
+    S,
+    _batch,
+    _float64_problem,
+    _lrs,
+    _models,
+    _run,
+    assert_same_meta_step,
+    run_both_with_a_nan_task,
+)
 
 import metattt.ttt.meta as meta_module
 from metattt.config import MetaConfig, TTTOnlineConfig
@@ -29,37 +38,14 @@ CASES = {**BATCHED_CASES, "fomaml_prequential": dict(algorithm="fomaml", prequen
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_online_batched_meta_step_equals_per_task_with_a_non_finite_task_dropped_in_both(case):
-    target, model = _models()
-    batch = _batch()
-    feats = target(batch["input_ids"]).features.clone()
-    feats[2, 0] = float("nan")  # task 2's inner loss is NaN from its first step on
-    phi = lora_parameters(model)
-    lrs = _lrs(model)
-    head = torch.nn.Linear(32, 32, bias=False) if "feature" in case else None
-    trained = [*phi.values(), *lrs.values(), *(head.parameters() if head else [])]
-    got = {}
-    for batched in (False, True):
-        tasks = make_tasks(batch, feats, 10, 20, S, torch.Generator().manual_seed(3))
+    def walk_ragged(tasks):
         counts = [len(online_chunks(t, ONLINE, S)) for t in tasks]
         assert len(set(counts)) > 1 and min(counts) > 1  # rows walk different numbers of chunks
-        res = _run(model, phi, tasks, batched, lr=lrs, clip=0.5, feature_head=head, online=ONLINE, **CASES[case])
-        got[batched] = res, torch.autograd.grad(res.loss, trained, allow_unused=True)
-    (per_task, g_per_task), (rows, g_rows) = got[False], got[True]
-    assert (per_task.used, per_task.skipped) == (rows.used, rows.skipped) == (3, 1)
-    torch.testing.assert_close(rows.loss, per_task.loss, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g_rows, g_per_task):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    (per_task, g_per_task), (rows, g_rows), phi, _ = run_both_with_a_nan_task(case, walk_ragged, online=ONLINE,
+                                                                              **CASES[case])
+    assert_same_meta_step(per_task, g_per_task, rows, g_rows)
     assert all(g.abs().max() > 1e-5 for g in g_rows[: len(phi)] if g is not None)
-    torch.testing.assert_close(rows.inner, per_task.inner, rtol=1e-6, atol=1e-6)
-    for mine, theirs in ((rows.after, per_task.after), (rows.before, per_task.before)):
-        assert len(mine) == len(theirs)
-        for x, y in zip(mine, theirs):
-            torch.testing.assert_close(x.loss.detach(), y.loss.detach(), rtol=1e-6, atol=1e-6, equal_nan=True)
-            n = y.weights.shape[1]
-            assert torch.equal(x.weights[:, :n], y.weights) and not x.weights[:, n:].any()
-            assert torch.equal(x.correct[:, :n] & (y.weights > 0), y.correct & (y.weights > 0))
     for before, after in zip([rows.before[i] for i in (0, 1, 3)], rows.after):  # the same blocks, with φ and prequentially
         assert torch.equal(before.weights, after.weights)
 
