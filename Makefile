@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG := recipes/$(RECIPE).yaml
 ARGS ?=
 
-.PHONY: setup run test test-fast lint target prepare distill meta-train eval eval-full sweep guided-eval bench world-results clean-tiny help
+.PHONY: setup run test test-fast lint target prepare distill meta-train eval eval-full online sweep guided-eval bench world-results clean-tiny help
 
 help:
 	@echo "make setup            virtualenv + CPU torch 2.13.0 + metattt (editable, with dev tools)"
@@ -16,6 +16,7 @@ help:
 	@echo "make meta-train       meta-learn the LoRA init -> checkpoints/RECIPE/meta_lora/ (distills first if needed)"
 	@echo "make eval             prefill TTT + speculative decoding -> checkpoints/RECIPE/eval/report.md"
 	@echo "make eval-full        eval at prompt lengths 256 / 1024 and temperatures 0 / 1 -> checkpoints/RECIPE/eval_full/"
+	@echo "make online           init meta-trained for online TTT + eval of online updates at 512 tokens -> checkpoints/RECIPE_online/"
 	@echo "make sweep            TTT sweep (steps, lr, rank, placement) -> checkpoints/RECIPE/sweep/sweep.md"
 	@echo "make guided-eval      draft-guided decoding on context-learning tasks -> checkpoints/RECIPE/guided/report.md"
 	@echo "make bench            cost ratios + τ table -> bench/results.json and README Results"
@@ -56,6 +57,18 @@ eval-full:
 	for len in 256 1024; do for t in 0.0 1.0; do \
 	  $(PY) -m metattt eval --config $(CONFIG) --eval.prompt_len=$$len --eval.temperature=$$t \
 	    --eval.output_dir=checkpoints/$(RECIPE)/eval_full/len$$len-t$$t $(ARGS) || exit 1; done; done
+
+# Online TTT while decoding (after make run's distill): an init meta-trained for online updates from
+# the same drafter and data, then static / prefill TTT / online TTT on 512-token generations.
+ONLINE_RUN = --run.name=$(RECIPE)_online --meta.drafter_path=checkpoints/$(RECIPE)/drafter \
+  --data.train_files=checkpoints/$(RECIPE)/data/train --data.feature_cache=checkpoints/$(RECIPE)/features
+ONLINE_META ?= --meta.ttt.online.chunk=8 --meta.ttt.online.max_chunks=4 --meta.max_steps=100
+ONLINE_EVAL ?= --eval.drafter_path=checkpoints/$(RECIPE)/drafter --eval.max_new_tokens=512 \
+  --eval.conditions=[static,ttt_meta,online_zero,online_meta] \
+  --eval.splits='{"drafter_shifted": "checkpoints/$(RECIPE)/corpus/c.heldout.jsonl", "in_domain": ["checkpoints/$(RECIPE)/corpus/python.heldout.jsonl", "checkpoints/$(RECIPE)/corpus/prose.heldout.jsonl"]}'
+online:
+	$(PY) -m metattt meta-train --config $(CONFIG) $(ONLINE_RUN) $(ONLINE_META) $(ARGS)
+	$(PY) -m metattt eval --config $(CONFIG) $(ONLINE_RUN) $(ONLINE_EVAL) $(ARGS)
 
 sweep:
 	$(PY) -m metattt sweep --config $(CONFIG) $(ARGS)

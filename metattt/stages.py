@@ -220,7 +220,8 @@ def evaluate(r: Recipe) -> dict | None:
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
             "rule": cfg.rule if cfg.temperature > 0 else "greedy", "ttt_steps": cfg.ttt.apply(s.ttt).steps,
             "position_bucket": cfg.position_bucket,
-            **({"online": dataclasses.asdict(cfg.online)} if any(c.startswith("online_") for c in cfg.conditions) else {}),
+            **({"online": dataclasses.asdict(cfg.online), "meta_online": dataclasses.asdict(s.ttt.online)}
+               if any(c.startswith("online_") for c in cfg.conditions) else {}),
             "device": "cpu" if r.trainer.accelerator == "cpu" else r.trainer.accelerator}
     module = EvalModule(s.target, s.model, plan, s.inits, cfg, list(cfg.splits), s.tokenizer.eos_token_id, r.run.seed,
                         out_dir, meta, s.feature_head, warmup_prompt=prompts[0]["prompt"] if prompts else None)

@@ -4,7 +4,8 @@
 
 Reads, when present: data/tiny_target/tiny_target_report.json, and the copies `make world-results`
 (`--collect`) puts in bench/world/ (eval.json: the block drafter's `make run` eval; eval_ar.json: the same for the
-autoregressive drafter; sweep.json; guided.json; run_time.json: the measured `make setup run`).
+autoregressive drafter; sweep.json; guided.json; online.json: the online-TTT eval of the tiny_online run;
+run_time.json: the measured `make setup run`).
 Every number in the section is read from those files; the goals table compares them with the
 goals of the embedded-world issue mechanically.
 """
@@ -123,6 +124,60 @@ def goals(block: dict | None, ar: dict | None, run_time: dict | None) -> list[st
     return ["| goal | measured | |", "|---|---|---|", *rows, ""]
 
 
+def online_goals(rep: dict | None) -> list[str]:
+    """The online-TTT issue's τ goals against one online eval's report."""
+    rows = []
+    s, d = _get(rep, "summary"), _get(rep, "differences")
+
+    def row(goal: str, value: str, met: bool | None) -> None:
+        rows.append(f"| {goal} | {value} | {'—' if met is None else ('met' if met else 'not met')} |")
+
+    on, st = _get(s, "drafter_shifted", "online_meta", "tau"), _get(s, "drafter_shifted", "static", "tau")
+    row("drafter_shifted τ(online_meta) ≥ 1.41 × τ(static)",
+        f"{fmt(on)} vs {fmt(st)} (× {fmt(on / st) if on and st else '—'})", None if not (on and st) else on >= 1.41 * st)
+    for other in ("ttt_meta", "online_zero"):
+        g = _get(d, "drafter_shifted", f"online_meta - {other}")
+        row(f"drafter_shifted Δτ(online_meta − {other}), CI lower bound > 0", fmt_difference(g),
+            None if g is None else g["ci_low"] > 0)
+    rises = {}
+    for cond in ("online_meta", "static"):
+        buckets = _get(s, "drafter_shifted", cond, "tau_by_position") or []
+        rises[cond] = (buckets[0]["tau"], buckets[-1]["tau"]) if len(buckets) > 1 else None
+    om, sb = rises["online_meta"], rises["static"]
+    row("drafter_shifted τ(online_meta) in the last position bucket > the first; static's does not rise",
+        f"online_meta {fmt(om and om[0])} → {fmt(om and om[1])}, static {fmt(sb and sb[0])} → {fmt(sb and sb[1])}",
+        None if not (om and sb) else (om[1] > om[0] and sb[1] <= sb[0]))
+    g = _get(d, "in_domain", "online_meta - ttt_meta")
+    row("in_domain Δτ(online_meta − ttt_meta) ≥ −0.05", fmt_difference(g), None if g is None else g["mean"] >= -0.05)
+    return ["| goal | measured | |", "|---|---|---|", *rows, ""]
+
+
+def online_section(rep: dict) -> list[str]:
+    m, o, mo = rep["meta"], rep["meta"].get("online", {}), rep["meta"].get("meta_online") or {}
+    trained = (f"chunks of {mo['chunk']} tokens, up to {mo['max_chunks']} per task" if mo.get("chunk")
+               else "not trained for online updates")
+    lines = [f"**Online TTT while decoding** (`make online`): {m.get('drafter_kind')} drafter, "
+             f"prompts of {m.get('prompt_len')} tokens, {m.get('max_new_tokens')} new tokens, greedy; prefill TTT "
+             f"{m.get('ttt_steps')} steps, then an update every {o.get('every')} verification steps "
+             f"({o.get('steps')} step, {o.get('num_anchors')} blocks from the last {o.get('window')} committed tokens); "
+             f"the meta init was meta-trained for online updates: {trained}.", "",
+             "Goals (online-TTT issue):", ""]
+    lines += online_goals(rep)
+    lines += eval_section(rep, "The same eval's table")[2:]
+    for split, conds in rep["summary"].items():
+        rows = {c: s.get("tau_by_position") for c, s in conds.items() if s.get("tau_by_position")}
+        if not rows:
+            continue
+        width = max(len(b) for b in rows.values())
+        heads = [f"{b['start']}–{b['end']}" for b in max(rows.values(), key=len)]
+        lines += [f"τ per position bucket of the generation, {split}:", "",
+                  "| condition | " + " | ".join(heads) + " |", "|---|" + "---|" * width]
+        for cond, bs in rows.items():
+            lines.append(f"| {cond} | " + " | ".join(fmt(b["tau"]) for b in bs) + " |")
+        lines.append("")
+    return lines
+
+
 def sweep_section(rep: dict) -> list[str]:
     m = rep["meta"]
     lines = [f"**TTT sweep** (`make sweep`: {m['prompts_per_split']} prompts per split of {m['prompt_len']} tokens, "
@@ -186,6 +241,9 @@ def section(root: Path) -> str:
     guided = _load(world / "guided.json")
     if guided:
         parts += guided_section(guided)
+    online = _load(world / "online.json")
+    if online:
+        parts += online_section(online)
     parts.append(END)
     return "\n".join(parts)
 
@@ -196,6 +254,7 @@ SOURCES = {
     "checkpoints/tiny_ar/eval/report.json": ("eval_ar.json", ("meta", "differences", "summary")),
     "checkpoints/tiny/sweep/sweep.json": ("sweep.json", ("meta", "rows")),
     "checkpoints/tiny/guided/report.json": ("guided.json", ("meta", "summary")),
+    "checkpoints/tiny_online/eval/report.json": ("online.json", ("meta", "differences", "summary")),
 }
 
 

@@ -216,3 +216,42 @@ def test_load_prompts_takes_disjoint_windows_when_records_are_few(workspace, tmp
     assert len({tuple(p) for p in prompts}) == 8  # no window twice
     one = load_prompts(str(path), tok, prompt_len=40, num_prompts=2, seed=0)
     assert one == prompts[:2]  # with enough records: one window each, as before
+
+
+def _world_results(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend("scripts")  # the script imports its neighbour readme_results
+    spec = importlib.util.spec_from_file_location("world_results", Path("scripts/world_results.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_online_goals_are_read_from_the_report_and_can_fail(monkeypatch):
+    world = _world_results(monkeypatch)
+
+    def buckets(*taus):
+        return [{"start": 64 * i, "end": 64 * (i + 1), "tau": t, "tau_stderr": 0.1, "n": 4} for i, t in enumerate(taus)]
+
+    def diff(mean, lo):
+        return {"mean": mean, "ci_low": lo, "ci_high": mean + (mean - lo), "n": 4}
+
+    rep = {"meta": {"drafter_kind": "block", "prompt_len": 512, "max_new_tokens": 512, "ttt_steps": 3,
+                    "online": {"every": 4, "steps": 1, "num_anchors": 16, "window": 64},
+                    "meta_online": {"chunk": 8, "max_chunks": 4}},
+           "summary": {"drafter_shifted": {"static": {"tau": 2.0, "tau_by_position": buckets(2.0, 1.9)},
+                                           "online_meta": {"tau": 3.0, "tau_by_position": buckets(2.5, 3.4)}},
+                       "in_domain": {"static": {"tau": 3.0}, "online_meta": {"tau": 3.0}}},
+           "differences": {"drafter_shifted": {"online_meta - ttt_meta": diff(0.6, 0.2),
+                                               "online_meta - online_zero": diff(0.3, -0.1)},
+                           "in_domain": {"online_meta - ttt_meta": diff(-0.02, -0.1)}}}
+    met = [line.rsplit("|", 2)[1].strip() for line in world.online_goals(rep)[2:-1]]
+    assert met == ["met", "met", "not met", "met", "met"]
+    rep["summary"]["drafter_shifted"]["static"]["tau_by_position"] = buckets(2.0, 2.2)  # static rises too
+    rep["summary"]["drafter_shifted"]["online_meta"]["tau"] = 2.5  # × 1.25
+    met = [line.rsplit("|", 2)[1].strip() for line in world.online_goals(rep)[2:-1]]
+    assert met == ["not met", "met", "not met", "not met", "met"]
+    text = "\n".join(world.online_section(rep))
+    assert "chunks of 8 tokens, up to 4 per task" in text and "| online_meta | 2.50 | 3.40 |" in text
