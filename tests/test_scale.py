@@ -355,3 +355,21 @@ def test_sbatch_template_runs_a_stage(workspace, tmp_path):
     assert torch.load(tmp_path / "t" / "distill" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     srun_lines = [(REPO / f"recipes/slurm/{f}").read_text().split("\nsrun ", 1)[1] for f in ("single_node.sbatch", "multi_node.sbatch")]
     assert srun_lines[0] == srun_lines[1]
+
+
+@pytest.mark.e2e
+def test_eval_on_two_processes_reports_every_prompt_as_one_process_does(workspace, tmp_path, distill_1proc):
+    """Prompts are sharded over the ranks and gathered on rank 0: one report, the same records."""
+    split = workspace / "corpus" / "validation.jsonl"
+    args = [f"--eval.drafter_path={distill_1proc / 'drafter'}", f"--eval.splits={{in_domain: {split}}}",
+            "--eval.num_prompts=3", "--eval.prompt_len=20", "--eval.max_new_tokens=10",
+            "--eval.conditions=[static, online_zero]", "--eval.online.every=1"]
+    run_metattt("eval", _args(workspace, tmp_path / "one", *args))
+    run_metattt("eval", _args(workspace, tmp_path / "two", *args), devices=2)
+    one, two = (json.loads((tmp_path / n / "t" / "eval" / "report.json").read_text()) for n in ("one", "two"))
+    assert two["meta"]["world_size"] == 2 and one["meta"]["world_size"] == 1
+    assert len(one["records"]) == len(two["records"]) == 3 * 2
+    for a, b in zip(one["records"], two["records"]):
+        keys = ("split", "prompt", "condition", "num_tokens", "accepted", "step_starts")
+        assert [a.get(k) for k in keys] == [b.get(k) for k in keys]
+    assert one["summary"]["in_domain"]["static"]["tau"] == two["summary"]["in_domain"]["static"]["tau"]
