@@ -62,7 +62,7 @@ eval-full:
 # the same drafter and data, then static / prefill TTT / online TTT on 512-token generations.
 ONLINE_RUN = --run.name=$(RECIPE)_online --meta.drafter_path=checkpoints/$(RECIPE)/drafter \
   --data.train_files=checkpoints/$(RECIPE)/data/train --data.feature_cache=checkpoints/$(RECIPE)/features
-ONLINE_META ?= --meta.ttt.online.chunk=8 --meta.ttt.online.max_chunks=4 --meta.max_steps=100
+ONLINE_META ?= --meta.ttt.online.chunk=8 --meta.ttt.online.max_chunks=4
 ONLINE_EVAL ?= --eval.drafter_path=checkpoints/$(RECIPE)/drafter --eval.max_new_tokens=512 \
   --eval.conditions=[static,ttt_meta,online_zero,online_meta] \
   --eval.splits='{"drafter_shifted": "checkpoints/$(RECIPE)/corpus/c.heldout.jsonl", "in_domain": ["checkpoints/$(RECIPE)/corpus/python.heldout.jsonl", "checkpoints/$(RECIPE)/corpus/prose.heldout.jsonl"]}'
