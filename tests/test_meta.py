@@ -267,6 +267,38 @@ def test_non_finite_inner_loss_skips_the_task_and_training_goes_on(monkeypatch, 
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())
 
 
+def test_a_non_finite_meta_gradient_is_not_applied_and_training_goes_on(monkeypatch):
+    import metattt.lit.meta as lit_meta
+
+    target, drafter = _pair()
+    model = add_lora(drafter, r=4, alpha=8)
+    real = lit_meta.meta_batch
+    calls = {"n": 0}
+
+    def first_step_nan_gradient(*args, **kwargs):
+        calls["n"] += 1
+        res = real(*args, **kwargs)
+        if calls["n"] == 1:  # a finite loss whose gradient is NaN, as a sqrt at 0 gives
+            res.loss = res.loss + torch.sqrt(sum((p * 0).sum() for p in lora_parameters(model).values()))
+        return res
+
+    monkeypatch.setattr(lit_meta, "meta_batch", first_step_nan_gradient)
+    cfg = MetaConfig(algorithm="fomaml", ttt=TTTConfig(steps=1, lr=0.3, num_anchors=8), outer_anchors=8,
+                     context_min=17, context_max=24, warmup_ratio=0.0, learn_inner_lr=True)
+    module = MetaTrainModule(target, model, cfg)
+    before = copy_lora(model)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(2, seed=0), batch_size=None))
+    assert module.skipped_steps == 1 and all(torch.equal(before[n], p) for n, p in lora_parameters(model).items())
+    assert torch.isfinite(module.inner_lrs).all()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(2, seed=1), batch_size=None))
+    assert module.skipped_steps == 1 and any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())
+    assert all(torch.isfinite(p).all() for p in lora_parameters(model).values())
+
+
 def test_export_round_trips_through_peft(tmp_path):
     from peft import PeftModel
 

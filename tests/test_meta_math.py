@@ -90,6 +90,18 @@ def test_inner_clip_limits_the_update_norm():
 
 
 @pytest.mark.parametrize("per_row", [False, True])
+def test_inner_clip_of_a_zero_gradient_has_a_finite_derivative(per_row):
+    """An inner step with no block to train on has gradient 0; differentiating through its clip
+    (maml) must not give NaN, which would poison the whole meta-gradient."""
+    x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]] if per_row else [0.0, 0.0, 0.0], dtype=torch.float64,
+                     requires_grad=True)
+    (clipped,) = clip_by_global_norm([x * 1.0], 1.0, per_row=per_row)
+    (d,) = torch.autograd.grad(clipped.sum(), x)
+    assert torch.isfinite(d).all()
+    torch.testing.assert_close(d[0] if per_row else d, torch.ones(3, dtype=torch.float64))  # scale 1 near 0
+
+
+@pytest.mark.parametrize("per_row", [False, True])
 def test_inner_clip_is_exact_in_float64(per_row):
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(2, 7, generator=g, dtype=torch.float64) * 3, torch.randn(2, 5, generator=g, dtype=torch.float64)]

@@ -65,6 +65,7 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
         self.val_before_acc = BlockAccuracy(self.block_size)
         self.val_after_acc = BlockAccuracy(self.block_size)
         self.skipped_total = 0
+        self.skipped_steps = 0  # outer steps not applied: their meta-gradient was not finite
 
     # --- pieces ---------------------------------------------------------------------------------
     def _generator(self, batch_idx: int, stage: str) -> torch.Generator:
@@ -172,6 +173,16 @@ class MetaTrainModule(FrozenTargetCheckpointing, L.LightningModule):
         elif self.trainer.world_size > 1:
             # a rank without a usable task still joins the gradient all-reduce (zero contribution)
             self.manual_backward(sum((p * 0).sum() for p in self.parameters() if p.requires_grad))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # one read of the device per meta step; under DDP the gradients are already all-reduced, so
+        # every rank takes the same branch
+        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self.skipped_steps += 1
+            if self.skipped_steps == 1:
+                log.warning("meta step %d: the meta-gradient is not finite; the step is not applied "
+                            "(train/skipped_steps counts them)", self.global_step)
+            opt.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
         opt.step()  # always: params without a gradient are left alone, and the step counter moves on
         sched.step()

@@ -62,12 +62,19 @@ def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None,
         return g.to(torch.promote_types(g.dtype, torch.float32))
 
     if per_row:
-        norm = torch.sqrt(sum((up(g) ** 2).flatten(1).sum(1) for g in grads))  # (R,)
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        scale = _clip_scale(sum((up(g) ** 2).flatten(1).sum(1) for g in grads), max_norm)  # (R,)
         return [g * scale.to(g.dtype).view(-1, *(1,) * (g.dim() - 1)) for g in grads]
-    norm = torch.sqrt(sum((up(g) ** 2).sum() for g in grads))
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    scale = _clip_scale(sum((up(g) ** 2).sum() for g in grads), max_norm)
     return [g * scale.to(g.dtype) for g in grads]
+
+
+def _clip_scale(squared_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / ‖g‖), differentiable also where g = 0 (an inner step with no block to train
+    on): sqrt's derivative is infinite at 0, and infinity times the clamp's zero derivative is NaN
+    in a second-order meta-gradient, so a zero norm takes a branch that never reaches sqrt."""
+    nonzero = squared_norm > 0
+    norm = torch.where(nonzero, torch.where(nonzero, squared_norm, 1.0).sqrt(), 0.0)
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
 def _sgd_step(
