@@ -142,10 +142,13 @@ def online_goals(rep: dict | None) -> list[str]:
     rises = {}
     for cond in ("online_meta", "static"):
         buckets = _get(s, "drafter_shifted", cond, "tau_by_position") or []
-        rises[cond] = (buckets[0]["tau"], buckets[-1]["tau"]) if len(buckets) > 1 else None
+        rises[cond] = ((buckets[0]["tau"], buckets[-1]["tau"], buckets[0].get("tau_stderr"), buckets[-1].get("tau_stderr"))
+                       if len(buckets) > 1 else None)
     om, sb = rises["online_meta"], rises["static"]
-    row("drafter_shifted τ(online_meta) in the last position bucket > the first; static's does not rise",
-        f"online_meta {fmt(om and om[0])} → {fmt(om and om[1])}, static {fmt(sb and sb[0])} → {fmt(sb and sb[1])}",
+    row("drafter_shifted τ(online_meta) in the last position bucket > the first; static's does not rise "
+        "(read strictly: static's last ≤ its first)",
+        f"online_meta {fmt(om and om[0])} → {fmt(om and om[1])}, static {fmt(sb and sb[0])} → {fmt(sb and sb[1])} "
+        f"(± {fmt(sb and sb[2])} → ± {fmt(sb and sb[3])} s.e.)",
         None if not (om and sb) else (om[1] > om[0] and sb[1] <= sb[0]))
     g = _get(d, "in_domain", "online_meta - ttt_meta")
     row("in_domain Δτ(online_meta − ttt_meta) ≥ −0.05", fmt_difference(g), None if g is None else g["mean"] >= -0.05)
@@ -163,7 +166,20 @@ def online_section(rep: dict) -> list[str]:
              f"the meta init was meta-trained for online updates: {trained}.", "",
              "Goals (online-TTT issue):", ""]
     lines += online_goals(rep)
-    lines += eval_section(rep, "The same eval's table")[2:]
+    diffs = rep["differences"]
+    pairs = list(dict.fromkeys(k for d in diffs.values() for k in d if "@" not in k))
+    lines += ["Δτ per prompt, mean [95 % paired-bootstrap CI]; **bold**: excludes 0.", "",
+              "| split | n | " + " | ".join(f"Δτ {p}" for p in pairs) + " |", "|---|---|" + "---|" * len(pairs)]
+    for split, d in diffs.items():
+        n = next((v["n"] for v in d.values() if v), 0)
+        lines.append(f"| {split} | {n} | " + " | ".join(fmt_difference(d.get(p)) for p in pairs) + " |")
+    lines += ["", "| split | condition | τ | ± s.e. | tokens/s (1 thread per process) | online updates' share of the time |",
+              "|---|---|---|---|---|---|"]
+    for split, conds in rep["summary"].items():
+        for cond, st in conds.items():
+            lines.append(f"| {split} | {cond} | {fmt(st.get('tau'))} | {fmt(st.get('tau_stderr'))} | "
+                         f"{fmt(st.get('tokens_per_s'), '.1f')} | {fmt(st.get('online_share_of_wall_time'))} |")
+    lines.append("")
     for split, conds in rep["summary"].items():
         rows = {c: s.get("tau_by_position") for c, s in conds.items() if s.get("tau_by_position")}
         if not rows:
