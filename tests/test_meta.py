@@ -223,9 +223,7 @@ def test_meta_training_makes_adaptation_pay_off(algorithm):
     cfg = MetaConfig(algorithm=algorithm, ttt=TTTConfig(steps=3, lr=0.5, num_anchors=16), outer_anchors=16,
                      context_min=17, context_max=20, lr=5e-3 if algorithm != "reptile" else 3e-2, warmup_ratio=0.0)
     module = MetaTrainModule(target, model, cfg, seed=0)
-    trainer = L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, torch.utils.data.DataLoader(_Batches(30, seed=0), batch_size=None))
+    _fit(module, steps=30, batches=30, seed=0)
     meta_init = copy_lora(model)
     meta_before, meta_after = _eval_post_adaptation(model, target, meta_init)
     msg = f"{algorithm}: zero init {zero_before:.2f}->{zero_after:.2f}, meta init {meta_before:.2f}->{meta_after:.2f}"
@@ -233,6 +231,14 @@ def test_meta_training_makes_adaptation_pay_off(algorithm):
     # steps from peft's zero init, and than the drafter had before meta-training (zero init, no TTT)
     assert meta_after < 0.75 * zero_after, msg
     assert meta_after < 0.75 * zero_before, msg
+
+
+def _fit(module: MetaTrainModule, steps: int, batches: int, seed: int) -> L.Trainer:
+    """A bare CPU Trainer fitting `module` for `steps` meta steps on `batches` batches."""
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(batches, seed=seed), batch_size=None))
+    return trainer
 
 
 @pytest.mark.parametrize("batch_tasks", [True, False])
@@ -259,9 +265,7 @@ def test_non_finite_inner_loss_skips_the_task_and_training_goes_on(monkeypatch, 
                      context_min=17, context_max=24, warmup_ratio=0.0, batch_tasks=batch_tasks)
     module = MetaTrainModule(target, model, cfg)
     before = copy_lora(model)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, torch.utils.data.DataLoader(_Batches(2, seed=0), batch_size=None))
+    trainer = _fit(module, steps=2, batches=2, seed=0)
     assert module.skipped_total == 1
     assert trainer.callback_metrics["train/skipped_tasks"] == 1
     assert any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())
@@ -287,14 +291,10 @@ def test_a_non_finite_meta_gradient_is_not_applied_and_training_goes_on(monkeypa
                      context_min=17, context_max=24, warmup_ratio=0.0, learn_inner_lr=True)
     module = MetaTrainModule(target, model, cfg)
     before = copy_lora(model)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, torch.utils.data.DataLoader(_Batches(2, seed=0), batch_size=None))
+    _fit(module, steps=1, batches=2, seed=0)
     assert module.skipped_steps == 1 and all(torch.equal(before[n], p) for n, p in lora_parameters(model).items())
     assert torch.isfinite(module.inner_lrs).all()
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, torch.utils.data.DataLoader(_Batches(2, seed=1), batch_size=None))
+    _fit(module, steps=2, batches=2, seed=1)
     assert module.skipped_steps == 1 and any(not torch.equal(before[n], p) for n, p in lora_parameters(model).items())
     assert all(torch.isfinite(p).all() for p in lora_parameters(model).values())
 
