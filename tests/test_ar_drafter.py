@@ -192,14 +192,14 @@ def test_sampling_keeps_the_target_distribution():
 
     (Checked by hand: giving the rule the first draft's q for the second draft fails at p ≈ 4e-11.)
     """
-    from test_spec import PROMPT, K, V, _decode_index, _exact_joint, chi_square_pvalue
+    from test_spec import PROMPT, K, V, chi_square_pvalue, decode_index, exact_joint
 
     tgt = varied_target(vocab_size=V, layers=2, init=0.6)
     drafter = _drafter(tgt, block_size=3, layers=1)
     # a few steps on the target's own samples: drafts get accepted at every position, not always
     g = torch.Generator().manual_seed(123)
     ids = torch.cat([PROMPT.expand(512, -1),
-                     _decode_index(torch.multinomial(_exact_joint(tgt, 1.0, 1.0), 512, replacement=True, generator=g))], 1)
+                     decode_index(torch.multinomial(exact_joint(tgt, 1.0, 1.0), 512, replacement=True, generator=g))], 1)
     ones = torch.ones_like(ids)
     anchors, ok = torch.full((512, 1), PROMPT.shape[1]), torch.ones(512, 1, dtype=torch.bool)
     feats = tgt(ids).features
@@ -219,7 +219,7 @@ def test_sampling_keeps_the_target_distribution():
         for a in out.accepted:
             accepted[a] += 1
     assert (accepted > 20).all(), f"acceptance histogram {accepted.tolist()}"
-    p = chi_square_pvalue(counts, _exact_joint(tgt, 0.9, 1.0))
+    p = chi_square_pvalue(counts, exact_joint(tgt, 0.9, 1.0))
     assert p > 1e-3, f"output distribution differs from the target's (p = {p:.2e})"
 
 

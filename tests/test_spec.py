@@ -263,7 +263,9 @@ def test_caches_after_rejections_equal_fresh_forward(greedy_target, trained_draf
         cont = greedy_target(ids[:, L:], past_key_values=out.target_cache, use_cache=True)
         fresh = greedy_target(ids)
         torch.testing.assert_close(cont.logits[0, -1], fresh.logits[0, -1], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cont.features[0, -1], fresh.features[0, -1], rtol=1e-5, atol=1e-5)
+        # the tapped hidden states are unnormalised and larger than the logits' differences suggest: float32
+        # sums in another order (cached vs fresh attention) differ by a few 1e-5 there; a wrong crop by ~1e-1
+        torch.testing.assert_close(cont.features[0, -1], fresh.features[0, -1], rtol=1e-4, atol=5e-5)
         # drafter: the context cache equals one built from fresh features of positions 0..L-1
         assert out.drafter_cache.length == L and L > P
         ref = trained_drafter.extend_cache(None, fresh.features[:, :L])
