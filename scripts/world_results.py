@@ -52,18 +52,28 @@ def target_section(rep: dict) -> list[str]:
     return lines + [""]
 
 
+def _differences_table(diffs: dict) -> list[str]:
+    """One row per split, one column per paired difference (the per-bucket ones, `@`, left out)."""
+    pairs = list(dict.fromkeys(k for d in diffs.values() for k in d if "@" not in k))
+    lines = ["| split | n | " + " | ".join(f"Δτ {p}" for p in pairs) + " |", "|---|---|" + "---|" * len(pairs)]
+    for split, d in diffs.items():
+        n = next((v["n"] for v in d.values() if v), 0)
+        lines.append(f"| {split} | {n} | " + " | ".join(fmt_difference(d.get(p)) for p in pairs) + " |")
+    return lines
+
+
+def _goal_row(rows: list[str], goal: str, value: str, met: bool | None) -> None:
+    """Append one goal's row: the goal, what was measured, met / not met (— where nothing was)."""
+    rows.append(f"| {goal} | {value} | {'—' if met is None else ('met' if met else 'not met')} |")
+
+
 def eval_section(rep: dict, title: str) -> list[str]:
     m = rep["meta"]
     decoding = "greedy" if not m.get("temperature") else f"T = {m['temperature']:g} ({m.get('rule')})"
     lines = [f"**{title}**: {m.get('drafter_kind')} drafter, block {m.get('block_size')}, prompts of "
              f"{m.get('prompt_len')} tokens, {m.get('max_new_tokens')} new tokens, {decoding}, "
              f"TTT {m.get('ttt_steps')} steps. Δτ per prompt, mean [95 % paired-bootstrap CI]; **bold**: excludes 0.", ""]
-    diffs = rep["differences"]
-    pairs = list(dict.fromkeys(k for d in diffs.values() for k in d if "@" not in k))
-    lines += ["| split | n | " + " | ".join(f"Δτ {p}" for p in pairs) + " |", "|---|---|" + "---|" * len(pairs)]
-    for split, d in diffs.items():
-        n = next((v["n"] for v in d.values() if v), 0)
-        lines.append(f"| {split} | {n} | " + " | ".join(fmt_difference(d.get(p)) for p in pairs) + " |")
+    lines += _differences_table(rep["differences"])
     lines += ["", "| split | condition | τ | ± s.e. | speedup | lossless |", "|---|---|---|---|---|---|"]
     for split, conds in rep["summary"].items():
         for cond, s in conds.items():
@@ -88,37 +98,33 @@ def _get(rep: dict | None, *keys):
 
 def goals(block: dict | None, ar: dict | None, run_time: dict | None) -> list[str]:
     """The embedded-world issue's goals against the measured values."""
-    rows = []
-
-    def row(goal: str, value: str, met: bool | None) -> None:
-        rows.append(f"| {goal} | {value} | {'—' if met is None else ('met' if met else 'not met')} |")
-
+    rows: list[str] = []
     s = _get(block, "summary")
     d = _get(block, "differences")
     tau_in = _get(s, "in_domain", "static", "tau")
-    row("in_domain static τ ≥ 3.0 (block drafter, block 8, greedy)", fmt(tau_in), None if tau_in is None else tau_in >= 3.0)
+    _goal_row(rows, "in_domain static τ ≥ 3.0 (block drafter, block 8, greedy)", fmt(tau_in), None if tau_in is None else tau_in >= 3.0)
     tau_ar = _get(ar, "summary", "in_domain", "static", "tau")
-    row("in_domain static τ ≥ 3.5 (autoregressive drafter)", fmt(tau_ar), None if tau_ar is None else tau_ar >= 3.5)
+    _goal_row(rows, "in_domain static τ ≥ 3.5 (autoregressive drafter)", fmt(tau_ar), None if tau_ar is None else tau_ar >= 3.5)
     tau_sh = _get(s, "drafter_shifted", "static", "tau")
     ratio = tau_sh / tau_in if tau_sh is not None and tau_in else None
     shift = "—" if ratio is None else f"{abs(1 - ratio) * 100:.0f} % {'below' if ratio <= 1 else 'above'}"
-    row("drafter_shifted static τ ≥ 25 % below in_domain static", f"{fmt(tau_sh)} vs {fmt(tau_in)} ({shift})",
+    _goal_row(rows, "drafter_shifted static τ ≥ 25 % below in_domain static", f"{fmt(tau_sh)} vs {fmt(tau_in)} ({shift})",
         None if ratio is None else ratio <= 0.75)
     g = _get(d, "drafter_shifted", "ttt_meta - static")
-    row("drafter_shifted Δτ(ttt_meta − static) ≥ +0.5, CI lower bound > 0", fmt_difference(g),
+    _goal_row(rows, "drafter_shifted Δτ(ttt_meta − static) ≥ +0.5, CI lower bound > 0", fmt_difference(g),
         None if g is None else (g["mean"] >= 0.5 and g["ci_low"] > 0))
     g = _get(d, "drafter_shifted", "ttt_meta - ttt_zero")
-    row("drafter_shifted Δτ(ttt_meta − ttt_zero), CI lower bound > 0", fmt_difference(g),
+    _goal_row(rows, "drafter_shifted Δτ(ttt_meta − ttt_zero), CI lower bound > 0", fmt_difference(g),
         None if g is None else g["ci_low"] > 0)
     g = _get(d, "in_domain", "ttt_meta - static")
-    row("in_domain Δτ(ttt_meta − static) ≥ −0.05", fmt_difference(g), None if g is None else g["mean"] >= -0.05)
+    _goal_row(rows, "in_domain Δτ(ttt_meta − static) ≥ −0.05", fmt_difference(g), None if g is None else g["mean"] >= -0.05)
     sp = _get(s, "in_domain", "ttt_meta", "speedup")
     sp_static = _get(s, "in_domain", "static", "speedup")
-    row("in_domain wall-clock speedup over target-only ≥ 1.2 (block drafter, TTT from the meta init)",
+    _goal_row(rows, "in_domain wall-clock speedup over target-only ≥ 1.2 (block drafter, TTT from the meta init)",
         f"{fmt(sp)} (static drafter {fmt(sp_static)})", None if sp is None else sp >= 1.2)
     minutes = _get(run_time, "minutes")
     how = _get(run_time, "how")  # how the time was measured, e.g. the stages of one run summed
-    row("`make setup run` on a fresh clone ≤ 35 min (2 cores)",
+    _goal_row(rows, "`make setup run` on a fresh clone ≤ 35 min (2 cores)",
         (fmt(minutes, ".1f") + " min" + (f" ({how})" if how else "")) if minutes else "—",
         None if minutes is None else minutes <= 35)
     return ["| goal | measured | |", "|---|---|---|", *rows, ""]
@@ -126,18 +132,14 @@ def goals(block: dict | None, ar: dict | None, run_time: dict | None) -> list[st
 
 def online_goals(rep: dict | None) -> list[str]:
     """The online-TTT issue's τ goals against one online eval's report."""
-    rows = []
+    rows: list[str] = []
     s, d = _get(rep, "summary"), _get(rep, "differences")
-
-    def row(goal: str, value: str, met: bool | None) -> None:
-        rows.append(f"| {goal} | {value} | {'—' if met is None else ('met' if met else 'not met')} |")
-
     on, st = _get(s, "drafter_shifted", "online_meta", "tau"), _get(s, "drafter_shifted", "static", "tau")
-    row("drafter_shifted τ(online_meta) ≥ 1.41 × τ(static)",
+    _goal_row(rows, "drafter_shifted τ(online_meta) ≥ 1.41 × τ(static)",
         f"{fmt(on)} vs {fmt(st)} (× {fmt(on / st) if on and st else '—'})", None if not (on and st) else on >= 1.41 * st)
     for other in ("ttt_meta", "online_zero"):
         g = _get(d, "drafter_shifted", f"online_meta - {other}")
-        row(f"drafter_shifted Δτ(online_meta − {other}), CI lower bound > 0", fmt_difference(g),
+        _goal_row(rows, f"drafter_shifted Δτ(online_meta − {other}), CI lower bound > 0", fmt_difference(g),
             None if g is None else g["ci_low"] > 0)
     rises = {}
     for cond in ("online_meta", "static"):
@@ -145,13 +147,13 @@ def online_goals(rep: dict | None) -> list[str]:
         rises[cond] = ((buckets[0]["tau"], buckets[-1]["tau"], buckets[0].get("tau_stderr"), buckets[-1].get("tau_stderr"))
                        if len(buckets) > 1 else None)
     om, sb = rises["online_meta"], rises["static"]
-    row("drafter_shifted τ(online_meta) in the last position bucket > the first; static's does not rise "
+    _goal_row(rows, "drafter_shifted τ(online_meta) in the last position bucket > the first; static's does not rise "
         "(read strictly: static's last ≤ its first)",
         f"online_meta {fmt(om and om[0])} → {fmt(om and om[1])}, static {fmt(sb and sb[0])} → {fmt(sb and sb[1])} "
         f"(± {fmt(sb and sb[2])} → ± {fmt(sb and sb[3])} s.e.)",
         None if not (om and sb) else (om[1] > om[0] and sb[1] <= sb[0]))
     g = _get(d, "in_domain", "online_meta - ttt_meta")
-    row("in_domain Δτ(online_meta − ttt_meta) ≥ −0.05", fmt_difference(g), None if g is None else g["mean"] >= -0.05)
+    _goal_row(rows, "in_domain Δτ(online_meta − ttt_meta) ≥ −0.05", fmt_difference(g), None if g is None else g["mean"] >= -0.05)
     return ["| goal | measured | |", "|---|---|---|", *rows, ""]
 
 
@@ -166,13 +168,8 @@ def online_section(rep: dict) -> list[str]:
              f"the meta init was meta-trained for online updates: {trained}.", "",
              "Goals (online-TTT issue):", ""]
     lines += online_goals(rep)
-    diffs = rep["differences"]
-    pairs = list(dict.fromkeys(k for d in diffs.values() for k in d if "@" not in k))
-    lines += ["Δτ per prompt, mean [95 % paired-bootstrap CI]; **bold**: excludes 0.", "",
-              "| split | n | " + " | ".join(f"Δτ {p}" for p in pairs) + " |", "|---|---|" + "---|" * len(pairs)]
-    for split, d in diffs.items():
-        n = next((v["n"] for v in d.values() if v), 0)
-        lines.append(f"| {split} | {n} | " + " | ".join(fmt_difference(d.get(p)) for p in pairs) + " |")
+    lines += ["Δτ per prompt, mean [95 % paired-bootstrap CI]; **bold**: excludes 0.", ""]
+    lines += _differences_table(rep["differences"])
     lines += ["", "| split | condition | τ | ± s.e. | tokens/s (1 thread per process) | online updates' share of the time |",
               "|---|---|---|---|---|---|"]
     for split, conds in rep["summary"].items():
