@@ -579,19 +579,28 @@ def online_update_costs(target: FrozenTarget, model: torch.nn.Module, ttt: TTTCo
         # weights, as decoding's are; the first half of the context as its prompt (only
         # `online.prompt_anchors` reads it)
         hook = OnlineTTT(model, init, ttt, every_step, L // 2)
+        # the same updates reading the decoding cache's K/V before the window as constants
+        detached = OnlineTTT(model, init, ttt, dataclasses.replace(every_step, detach_context=True), L // 2)
+        with torch.no_grad():
+            drafter_cache = model.extend_cache(None, feats[:, : L - 1])  # what decoding holds at the update
 
         def verify(block=block, cache=cache) -> None:
             target(block, past_key_values=cache, use_cache=True)
             crop_cache(cache, S)  # back to L positions for the next rep
 
         runs = {"update": lambda hook=hook, context=context, feats=feats: hook(0, context, feats),
+                "detached": lambda hook=detached, context=context, feats=feats, c=drafter_cache: hook(0, context, feats, c),
                 "rebuild": lambda feats=feats: model.extend_cache(None, feats), "verify": verify}
         with torch.no_grad():
             t = _interleaved_medians(runs, device, reps)
-        per_update = t["update"] + (t["rebuild"] if hook.changes_context else 0.0)
-        rows.append({"context_len": L, "update_s": t["update"], "rebuild_s": t["rebuild"], "verify_s": t["verify"],
+        rebuild = t["rebuild"] if hook.changes_context else 0.0
+        rows.append({"context_len": L, "update_s": t["update"], "detached_update_s": t["detached"],
+                     "rebuild_s": t["rebuild"], "verify_s": t["verify"],
                      "rebuilds": hook.changes_context, "update_over_verify": t["update"] / t["verify"],
-                     "rebuild_over_verify": t["rebuild"] / t["verify"], "online_over_verify": per_update / t["verify"]})
+                     "detached_over_verify": t["detached"] / t["verify"],
+                     "rebuild_over_verify": t["rebuild"] / t["verify"],
+                     "online_over_verify": (t["update"] + rebuild) / t["verify"],
+                     "detached_online_over_verify": (t["detached"] + rebuild) / t["verify"]})
     set_lora(model, init)
     return rows
 
@@ -621,12 +630,13 @@ def online_decoding_costs(tcfg: dict, layers: int, S: int, dtype: torch.dtype, d
     last: dict = {}
     updates: dict[str, int] = {}
 
-    def speculative(name: str, every: int) -> Callable[[], None]:
+    def speculative(name: str, every: int, detach: bool = False) -> Callable[[], None]:
         def run() -> None:
             outs, hooks = [], []
             for p in prompts:
                 set_lora(model, init)  # nothing an earlier request learned carries over
-                hook = OnlineTTT(model, init, ttt, dataclasses.replace(online, every=every), p.numel()) if every else None
+                cfg = dataclasses.replace(online, every=every, detach_context=detach)
+                hook = OnlineTTT(model, init, ttt, cfg, p.numel()) if every else None
                 outs.append(speculative_generate(target, model, p, new_tokens, None, online=hook))
                 hooks += [hook] if hook else []
             last[name], updates[name] = outs, sum(h.updates for h in hooks)
@@ -636,7 +646,8 @@ def online_decoding_costs(tcfg: dict, layers: int, S: int, dtype: torch.dtype, d
         last["target"] = [target_generate(target, p, new_tokens, None) for p in prompts]
 
     runs = {"target": target_only, "static": speculative("static", 0),
-            **{f"online@{e}": speculative(f"online@{e}", e) for e in everies}}
+            **{f"online@{e}": speculative(f"online@{e}", e) for e in everies},
+            **{f"detached@{e}": speculative(f"detached@{e}", e, True) for e in everies}}
     log.info("bench: online TTT: decoding with updates every %s steps, without them, and target-only", everies)
     t = _interleaved_medians(runs, device, reps)
     set_lora(model, init)
@@ -653,23 +664,26 @@ def online_decoding_costs(tcfg: dict, layers: int, S: int, dtype: torch.dtype, d
                                "init_range": init_range, "distill_steps": distill_steps, "lora_r": lora_r,
                                "reps": reps, "online": dataclasses.asdict(online)},
                      "target": row("target"), "static": static, "online": []}
-    for e in everies:
-        r = row(f"online@{e}")
-        online_s = sum(o.online_time for o in last[f"online@{e}"])
-        results["online"].append({"every": e, **r, "online_s": online_s,
-                                  "updates": updates[f"online@{e}"],
-                                  "overhead": (r["seconds"] - static["seconds"]) / static["seconds"],
-                                  "online_s_per_token": online_s / r["tokens"]})
+    for detach in (False, True):
+        for e in everies:
+            name = f"{'detached' if detach else 'online'}@{e}"
+            r = row(name)
+            online_s = sum(o.online_time for o in last[name])
+            results["online"].append({"every": e, "detach_context": detach, **r, "online_s": online_s,
+                                      "updates": updates[name],
+                                      "overhead": (r["seconds"] - static["seconds"]) / static["seconds"],
+                                      "online_s_per_token": online_s / r["tokens"]})
     return results
 
 
 def format_online(res: dict) -> list[str]:
     """The `online` section: per-update cost ÷ a verification forward, then amortized over decoding."""
     lines = ["| committed tokens | online update ÷ verification forward | context rebuild ÷ verification | "
-             "update as decoding pays it (rebuild included) ÷ verification |", "|---|---|---|---|"]
+             "update as decoding pays it (rebuild included) ÷ verification | the same, older context detached |",
+             "|---|---|---|---|---|"]
     for row in res["update"]:
         lines.append(f"| {row['context_len']} | {fmt(row['update_over_verify'])} | {fmt(row['rebuild_over_verify'])} | "
-                     f"{fmt(row['online_over_verify'])} |")
+                     f"{fmt(row['online_over_verify'])} | {fmt(row.get('detached_online_over_verify'))} |")
     d = res["decoding"]
     su = d["setup"]
     o = su["online"]
@@ -683,7 +697,8 @@ def format_online(res: dict) -> list[str]:
               f"| static | | {fmt(d['static']['tau'])} | {fmt(d['static']['tokens_per_s'], '.0f')} | | | "
               f"{fmt(d['static']['speedup'])} |"]
     for row in d["online"]:
-        lines.append(f"| online | {row['every']} | {fmt(row['tau'])} | {fmt(row['tokens_per_s'], '.0f')} | "
+        name = "online, older context detached" if row.get("detach_context") else "online"
+        lines.append(f"| {name} | {row['every']} | {fmt(row['tau'])} | {fmt(row['tokens_per_s'], '.0f')} | "
                      f"{fmt(100 * row['overhead'], '+.1f')} % | {fmt(row['online_s_per_token'] * 1e3, '.3f')} ms | "
                      f"{fmt(row['speedup'])} |")
     return lines

@@ -545,6 +545,12 @@ class OnlineConfig:
     """Blocks of the prompt mixed into every update."""
     lr: float | None = None
     """Scalar inner lr of the updates; None: the TTT settings' (learned lrs where exported)."""
+    detach_context: bool = False
+    """Read the drafter's context keys/values of positions before the window from the decoding
+    cache as constants: an update's cost stops growing with the context, but LoRA on the modules
+    that compute them (`fc`, `k_proj`, `v_proj`) learns only through the window's positions (the
+    forward is unchanged). Where LoRA is on none of those modules the cache is read in full either
+    way, which is exact."""
 
     def __post_init__(self) -> None:
         self.check("eval.online")

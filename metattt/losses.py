@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from metattt.anchors import block_targets, teacher_positions
+from metattt.models.base import ContextCache
 from metattt.models.registry import kind_of
 
 
@@ -112,12 +113,15 @@ def draft_hidden(
     mask_token_id: int,
     context_features: torch.Tensor,  # (B, C, n·H)
     context_valid: torch.Tensor | None = None,  # (B, C) bool
+    cache: ContextCache | None = None,  # one request's context K/V of the positions before cache.length
 ) -> torch.Tensor:
     """The hidden state behind each draft: (B, N, S-1, H), entry k-1 drafting x_{a+k} (k = 1..S-1),
     as the drafter's kind computes it teacher-forced (metattt.models.registry). Either way the
-    drafts of a block read only target features of positions before its anchor."""
+    drafts of a block read only target features of positions before its anchor. With `cache`, its
+    slots stand in for the features before `cache.length` (constants: no gradient reaches the
+    weights through them) and only the later features are read."""
     return kind_of(drafter).teacher_forced_hidden(drafter, input_ids, anchors, context_features, context_valid,
-                                                  block_size, mask_token_id)
+                                                  block_size, mask_token_id, cache=cache)
 
 
 def block_prediction_loss(

@@ -141,6 +141,7 @@ def test_online_costs_time_updates_and_decoding_side_by_side_and_format_their_ra
         assert row["rebuild_over_verify"] == row["rebuild_s"] / row["verify_s"]
         # the block kind's default LoRA sits on fc / k_proj / v_proj: every update asks for a rebuild
         assert row["rebuilds"] and row["online_over_verify"] == (row["update_s"] + row["rebuild_s"]) / row["verify_s"]
+        assert row["detached_online_over_verify"] == (row["detached_update_s"] + row["rebuild_s"]) / row["verify_s"]
     # the timed updates leave the model as they found it
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
 
@@ -151,7 +152,7 @@ def test_online_costs_time_updates_and_decoding_side_by_side_and_format_their_ra
     static, target_only = dec["static"], dec["target"]
     assert target_only["tau"] is None and target_only["speedup"] == 1.0 and 1 <= static["tau"] <= 4
     assert static["speedup"] == target_only["seconds"] / static["seconds"]
-    assert [row["every"] for row in dec["online"]] == [1, 4]
+    assert [(row["every"], row["detach_context"]) for row in dec["online"]] == [(1, False), (4, False), (1, True), (4, True)]
     for row in dec["online"]:
         # the same prompts, 8 tokens each (EOS off), timed beside decoding without updates
         assert row["tokens"] == 16 and 1 <= row["tau"] <= 4
@@ -161,6 +162,7 @@ def test_online_costs_time_updates_and_decoding_side_by_side_and_format_their_ra
     assert dec["online"][0]["updates"] > 0 and dec["online"][0]["online_s"] > 0
     text = "\n".join(format_online({"update": rows, "decoding": dec}))
     assert "| 40 | " in text and "\n| online | 1 | " in text and "\n| online | 4 | " in text
+    assert "\n| online, older context detached | 4 | " in text
     res = {"machine": {"device": "cpu", "torch": torch.__version__, "preset": "quick"}, "setup": {},
            "meta_step": {a: {"step_ratio": 2.0, "mem_ratio": 3.0} for a in ("maml", "fomaml", "reptile")},
            "ttt_prefill": [], "scaling": {"by_context": [], "by_k": []}, "online": {"update": rows, "decoding": dec}}

@@ -291,6 +291,8 @@ class ARDrafter(TargetFeatureReader):
         positions (at a + length, ...), and their self-attention K/V is appended to the cache.
         """
         B, N, L = block_ids.shape
+        if cache is not None and context_features is not None:
+            cache = self.cache_then_features(cache, context_features)
         x = self.embed(block_ids).reshape(B, N * L, -1).to(self.fc.weight.dtype)  # (B, N·L, H)
         offset = 0 if chain_cache is None else chain_cache.length
         pos = (anchors[:, :, None] + offset + torch.arange(L, device=anchors.device)).reshape(B, N * L)
@@ -387,6 +389,7 @@ class ARDrafter(TargetFeatureReader):
         context_valid: torch.Tensor | None,  # (B, C) bool
         block_size: int,
         mask_token_id: int,
+        cache: ContextCache | None = None,  # slots read instead of the features before cache.length
     ) -> torch.Tensor:
         """The hidden state behind each draft (B, N, S-1, H), teacher-forced: the chain of true
         tokens [x_a, ..., x_{a+S-2}] at positions a..a+S-2 (chain output j predicts x_{a+j+1}),
@@ -394,7 +397,7 @@ class ARDrafter(TargetFeatureReader):
         T = input_ids.shape[1]
         pos = (anchors[:, :, None] + torch.arange(block_size - 1, device=anchors.device)).clamp(max=T - 1)
         chain = input_ids.gather(1, pos.flatten(1)).view_as(pos)  # (B, N, S-1)
-        return forward(chain, anchors, context_features=context_features, context_valid=context_valid)
+        return forward(chain, anchors, context_features=context_features, context_valid=context_valid, cache=cache)
 
     # --- checkpoint I/O ----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: str | torch.dtype | None = None) -> Path:

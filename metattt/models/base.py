@@ -346,4 +346,17 @@ class TargetFeatureReader(nn.Module):
         kv = [(torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(cache.kv, new)]
         return ContextCache(kv=kv, length=start + c, valid=mask)
 
+    def cache_then_features(self, cache: ContextCache, features: torch.Tensor) -> ContextCache:
+        """The context of a forward given both: `cache`'s slots for positions before `cache.length`
+        (one request; read as they are, gradients stop there) and K/V of `features` (B, C, n·H)
+        from position `cache.length` on, computed with the weights of this call. Online TTT reads
+        the decoding cache this way (metattt.ttt.online)."""
+        if cache.valid is not None:
+            raise ValueError("a cache read together with features holds one request's positions (no valid mask)")
+        if features.shape[1] < cache.length:
+            raise ValueError(f"features of {features.shape[1]} positions behind a cache of {cache.length}")
+        if features.shape[1] == cache.length:
+            return cache
+        return self.extend_cache(cache, features[:, cache.length:])
+
 

@@ -163,8 +163,13 @@ class BlockDrafter(TargetFeatureReader):
         context_valid: torch.Tensor | None = None,  # (B, C) bool, False on padding
         cache: ContextCache | None = None,  # instead of context_features: its slots (those `cache.valid` marks)
     ) -> torch.Tensor:
-        """Hidden states after the final norm, (B, N, S, H). Use `.logits(h)` for vocab logits."""
+        """Hidden states after the final norm, (B, N, S, H). Use `.logits(h)` for vocab logits.
+
+        With both `cache` and `context_features`, the cache's slots stand for positions before
+        `cache.length` and the features from there on are read anew (`cache_then_features`)."""
         B, N, S = block_ids.shape
+        if cache is not None and context_features is not None:
+            cache = self.cache_then_features(cache, context_features)
         x = self.embed(block_ids).reshape(B, N * S, -1).to(self.fc.weight.dtype)  # (B, N·S, H)
         block_pos = (anchors[:, :, None] + torch.arange(S, device=anchors.device)).reshape(B, N * S)
         if cache is not None:
@@ -235,13 +240,14 @@ class BlockDrafter(TargetFeatureReader):
         context_valid: torch.Tensor | None,  # (B, C) bool
         block_size: int,
         mask_token_id: int,
+        cache: ContextCache | None = None,  # slots read instead of the features before cache.length
     ) -> torch.Tensor:
         """The hidden state behind each draft (B, N, S-1, H): one forward of [x_a, MASK × (S-1)]
         per anchor, outputs at block positions 1..S-1 (entry k-1 drafts x_{a+k})."""
         B, N = anchors.shape
         blocks = torch.full((B, N, block_size), mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
         blocks[:, :, 0] = input_ids.gather(1, anchors)  # (B, N, S)
-        hidden = forward(blocks, anchors, context_features=context_features, context_valid=context_valid)
+        hidden = forward(blocks, anchors, context_features=context_features, context_valid=context_valid, cache=cache)
         return hidden[:, :, 1:]
 
     # --- checkpoint I/O: DFlash layout (metattt.models.dflash) -------------------------------

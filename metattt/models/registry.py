@@ -6,8 +6,9 @@ targets, and the three calls the rest of metattt makes:
 
     drafter.draft(last_token, position, cache, choose)   -> drafts (S-1,), their distribution
     drafter.next_token_logits(last_token, position, cache) -> (V,)
-    kind.teacher_forced_hidden(forward, input_ids, anchors, features, valid, S, mask_id)
+    kind.teacher_forced_hidden(forward, input_ids, anchors, features, valid, S, mask_id, cache=None)
                                                           -> (B, N, S-1, H), the training states
+                                                             (cache: K/V read for the first positions)
 
 (The last is a static method: training calls it with a functional_call wrapper that carries the
 fast weights.) Code outside this module asks `kind_of(drafter)` or `DRAFTERS[name]`, never
@@ -54,9 +55,9 @@ class DrafterKind:
         return self.model_class is BlockDrafter
 
     def teacher_forced_hidden(self, forward, input_ids, anchors, context_features, context_valid, block_size: int,
-                              mask_token_id: int):
+                              mask_token_id: int, cache=None):
         return self.model_class.teacher_forced_hidden(forward, input_ids, anchors, context_features, context_valid,
-                                                      block_size, mask_token_id)
+                                                      block_size, mask_token_id, cache=cache)
 
     def load(self, path: str | Path, attn_implementation: str = "sdpa") -> nn.Module:
         return self.model_class.from_pretrained(path, attn_implementation=attn_implementation)

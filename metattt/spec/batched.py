@@ -467,7 +467,8 @@ def speculative_generate_batch(
         [(1, P_i, n·H)] from the batched prefill; may return per-row fast weights (R, ...) that
         replace `lora` (prefill TTT: `prefill_ttt_batched`).
     online: one OnlineTTT (metattt.ttt.online) per row, or None. Row b's is called after each of its
-        verification steps with its committed tokens (1, L) and their features (1, L-1, n·H); its
+        verification steps with its committed tokens (1, L), their features (1, L-1, n·H) and its
+        context K/V of them (a one-request ContextCache, gathered from the batch's slots); its
         `params` (None: set here to the row's weights before the first call) go into row b after an
         update, and row b's context K/V is rebuilt when the call returns True.
     compact_slack: compact the caches once they hold more dead slots than this beyond the longest
@@ -592,8 +593,11 @@ def speculative_generate_batch(
                     t4 = clock()
                     ids = torch.cat([prompts[r], prompts[r].new_tensor(tokens[r])])[None]  # (1, P + n)
                     feats = batch.feats[i][batch.valid[i]][None]  # (1, P + n - 1, n·H), in position order
+                    slots = batch.valid[i]  # the row's committed positions, in order, as `feats`
+                    cache = ContextCache(kv=[(k[i:i + 1][:, :, slots], v[i:i + 1][:, :, slots]) for k, v in batch.ctx.kv],
+                                         length=feats.shape[1])
                     with torch.enable_grad():
-                        rebuild = online[r](len(accepted[r]) - 1, ids, feats)
+                        rebuild = online[r](len(accepted[r]) - 1, ids, feats, cache)
                     if online[r].params is not seen[r]:  # an update: the row drafts with its new weights
                         seen[r] = online[r].params
                         batch.drafter.set_row(i, online[r].params)

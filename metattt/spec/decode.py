@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from metattt.models.base import ContextCache
+
 # --- results ------------------------------------------------------------------------------
 
 
@@ -362,7 +364,7 @@ def speculative_generate(
     greedy_draft: bool = False,
     return_cache: bool = False,
     on_prefill: Callable[[torch.Tensor], None] | None = None,
-    online: Callable[[int, torch.Tensor, torch.Tensor], bool] | None = None,
+    online: Callable[[int, torch.Tensor, torch.Tensor, ContextCache], bool] | None = None,
 ) -> GenerationResult:
     """Speculative decoding of one prompt (1, P) with either drafter kind, verified by the target.
 
@@ -384,9 +386,9 @@ def speculative_generate(
     them: prefill TTT adapts the drafter's LoRA there, on the very forward decoding uses, so a
     TTT request costs one prefill like any other. Its time is `adapt_time` (in `wall_time`).
 
-    `online(step, ids, features)`, when given, is called after every verification step with every
-    committed token (1, L) (prompt included) and the target features of the committed positions
-    (1, L-1, n·H) — nothing else, so online TTT (metattt.ttt.online) learns from what the target
+    `online(step, ids, features, cache)`, when given, is called after every verification step with
+    every committed token (1, L) (prompt included), the target features of the committed positions
+    (1, L-1, n·H) and the drafter's context cache of them — nothing else, so online TTT (metattt.ttt.online) learns from what the target
     verified only. When it returns True (it changed weights the context cache depends on), the
     drafter's context cache is rebuilt from the stored features, with no target work.
     """
@@ -461,7 +463,7 @@ def speculative_generate(
             features = torch.cat(committed_features, 1)  # (1, P + len(tokens) - 1, n·H)
             ids = torch.cat([prompt, prompt.new_tensor([tokens])], 1)  # (1, P + len(tokens))
             with torch.enable_grad():
-                rebuild = online(len(accepted) - 1, ids, features)
+                rebuild = online(len(accepted) - 1, ids, features, ctx)
             if rebuild:
                 ctx = drafter.extend_cache(None, features)
                 rebuilds += 1

@@ -12,7 +12,9 @@ at the next steps. It sees only committed tokens: the caller passes nothing else
 Where LoRA sits on modules that compute the drafter's cached context keys/values (`fc`, `k_proj`,
 `v_proj` for the block kind), an update changes that cache: `__call__` says so and the decoding
 loop rebuilds the cache from the stored features (no target work), so drafts never mix old and
-new weights. Nothing carries over to the next request: a new `OnlineTTT` starts from the weights
+new weights. An update reads that cache too where it may (`OnlineConfig.detach_context`, or LoRA
+off those modules): the drafter's K/V of older positions as constants, not recomputed from the
+features. Nothing carries over to the next request: a new `OnlineTTT` starts from the weights
 the request's prefill TTT produced (or its init).
 """
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from metattt.anchors import sample_anchors, valid_anchor_mask
 from metattt.config import OnlineConfig, TTTConfig
+from metattt.models.base import ContextCache
 from metattt.models.lora import copy_lora, lora_parameters, set_lora
 from metattt.models.registry import kind_of
 from metattt.ttt.inner import Functional, ParamDict, inner_loop
@@ -67,10 +70,23 @@ class OnlineTTT:
         self.changes_context = bool(lora_on & set(kind_of(model).context_modules))
         self.losses: list[float] = []
 
-    def __call__(self, step: int, ids: torch.Tensor, features: torch.Tensor) -> bool:
+    def constant_context(self, cache: ContextCache | None, length: int) -> ContextCache | None:
+        """The slots of the decoding cache (`length` committed positions) an update reads as they
+        are: all of them where LoRA does not reach the context K/V (they are what the update would
+        compute), those before the window with `detach_context`, else none."""
+        if cache is None or (self.changes_context and not self.cfg.detach_context):
+            return None
+        if cache.length != length:
+            raise ValueError(f"the drafter's context cache holds {cache.length} positions, the committed features {length}")
+        keep = length if not self.changes_context else max(0, length - self.cfg.window)
+        return ContextCache(kv=[(k[:, :, :keep].detach(), v[:, :, :keep].detach()) for k, v in cache.kv], length=keep)
+
+    def __call__(self, step: int, ids: torch.Tensor, features: torch.Tensor, cache: ContextCache | None = None) -> bool:
         """After verification step `step` (0-based): `ids` (1, L) every committed token (prompt
-        included), `features` (1, ≥ L-1, n·H) the target features of committed positions. Returns
-        True when the drafter's context cache must be rebuilt (an update changed its K/V)."""
+        included), `features` (1, ≥ L-1, n·H) the target features of committed positions, `cache`
+        the drafter's context cache of those L-1 positions (None: every update recomputes the
+        context K/V from `features`). Returns True when the drafter's context cache must be
+        rebuilt (an update changed its K/V)."""
         if self.cfg.every <= 0 or (step + 1) % self.cfg.every:
             return False
         t0 = time.perf_counter()
@@ -83,12 +99,13 @@ class OnlineTTT:
             return False
         loss_mask = torch.ones_like(ids)
         feats = features[:, : L - 1]  # every label of a block is committed; its features stop before the anchor
+        constant = self.constant_context(cache, L - 1)
         gamma = self.ttt.gamma_for(S)
         lr = self.cfg.lr if self.cfg.lr is not None else self.ttt.lr_for(list(self.params))
 
         def loss_fn(params: ParamDict, _step: int) -> torch.Tensor:
             return context_loss(Functional(self.model, params), ids, feats, loss_mask, anchors, ok,
-                                self.ttt.objective, gamma, self.feature_head)
+                                self.ttt.objective, gamma, self.feature_head, cache=constant)
 
         start = {n: t.detach().clone().requires_grad_(True) for n, t in self.params.items()}
         with torch.enable_grad():

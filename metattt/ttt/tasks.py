@@ -16,6 +16,7 @@ import torch
 from metattt.anchors import block_targets, sample_anchors, valid_anchor_mask
 from metattt.config import CONTEXT_MODES, TTTConfig, TTTObjective, TTTOnlineConfig
 from metattt.losses import BlockLoss, decayed_draft_ce, draft_hidden
+from metattt.models.base import ContextCache
 from metattt.models.lora import set_lora
 from metattt.ttt.inner import Functional, InnerResult, ParamDict, inner_loop
 
@@ -150,14 +151,17 @@ def context_loss(
     objective: TTTObjective,
     gamma: float,
     feature_head: torch.nn.Module | None = None,
+    cache: ContextCache | None = None,  # the drafter's K/V of the first cache.length context positions
 ) -> torch.Tensor:
-    """The inner (TTT) loss. Everything it reads is passed in: callers pass the context only."""
+    """The inner (TTT) loss. Everything it reads is passed in: callers pass the context only.
+    `cache` (online updates): the drafter reads those slots instead of recomputing the first
+    `cache.length` positions' K/V from `features` (see `draft_hidden`)."""
     cfg = f.config
     S = cfg.block_size
     total = torch.zeros((), device=ids.device, dtype=torch.promote_types(features.dtype, torch.float32))
     if objective.block or objective.feature or objective.attn_entropy:
         labels, w = block_targets(ids, loss_mask, anchors, anchor_ok, S, gamma)
-        hidden = draft_hidden(f, ids, anchors, S, cfg.mask_token_id, features)  # (1, N, S-1, H), either kind
+        hidden = draft_hidden(f, ids, anchors, S, cfg.mask_token_id, features, cache=cache)  # (1, N, S-1, H)
         if objective.block:
             total = total + objective.block * decayed_draft_ce(hidden, f.logits, labels, w).loss
         if objective.feature:
@@ -170,7 +174,7 @@ def context_loss(
         a = valid[0].nonzero().flatten()[None]  # (1, M) every position with a next target token
         if a.numel():
             labels, w = block_targets(ids, loss_mask, a, torch.ones_like(a, dtype=torch.bool), 2, gamma)
-            hidden = draft_hidden(f, ids, a, 2, cfg.mask_token_id, features)
+            hidden = draft_hidden(f, ids, a, 2, cfg.mask_token_id, features, cache=cache)
             total = total + objective.clm * decayed_draft_ce(hidden, f.logits, labels, w).loss
     return total
 
