@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG := recipes/$(RECIPE).yaml
 ARGS ?=
 
-.PHONY: setup run test test-fast lint target prepare distill meta-train eval eval-full online sweep guided-eval bench world-results clean-tiny help
+.PHONY: setup run test test-fast lint target prepare distill meta-train eval eval-full online online-cheap sweep guided-eval bench world-results clean-tiny help
 
 help:
 	@echo "make setup            virtualenv + CPU torch 2.13.0 + metattt (editable, with dev tools)"
@@ -17,6 +17,7 @@ help:
 	@echo "make eval             prefill TTT + speculative decoding -> checkpoints/RECIPE/eval/report.md"
 	@echo "make eval-full        eval at prompt lengths 256 / 1024 and temperatures 0 / 1 -> checkpoints/RECIPE/eval_full/"
 	@echo "make online           init meta-trained for online TTT + eval of online updates at 512 tokens -> checkpoints/RECIPE_online/"
+	@echo "make online-cheap     after make online: its eval, updates every 16 steps, older context from the cache"
 	@echo "make sweep            TTT sweep (steps, lr, rank, placement) -> checkpoints/RECIPE/sweep/sweep.md"
 	@echo "make guided-eval      draft-guided decoding on context-learning tasks -> checkpoints/RECIPE/guided/report.md"
 	@echo "make bench            cost ratios + τ table -> bench/results.json and README Results"
@@ -69,6 +70,13 @@ ONLINE_EVAL ?= --eval.drafter_path=checkpoints/$(RECIPE)/drafter --eval.max_new_
 online:
 	$(PY) -m metattt meta-train --config $(CONFIG) $(ONLINE_RUN) $(ONLINE_META) $(ARGS)
 	$(PY) -m metattt eval --config $(CONFIG) $(ONLINE_RUN) $(ONLINE_EVAL) $(ARGS)
+
+# After make online: the same evaluation with updates every 16 verification steps that read the
+# context before their window from the decoding cache (eval.online.detach_context).
+ONLINE_CHEAP ?= --eval.online.every=16 --eval.online.detach_context=true \
+  --eval.output_dir=checkpoints/$(RECIPE)_online/eval_cheap
+online-cheap:
+	$(PY) -m metattt eval --config $(CONFIG) $(ONLINE_RUN) $(ONLINE_EVAL) $(ONLINE_CHEAP) $(ARGS)
 
 sweep:
 	$(PY) -m metattt sweep --config $(CONFIG) $(ARGS)

@@ -154,18 +154,23 @@ def online_goals(rep: dict | None) -> list[str]:
         None if not (om and sb) else (om[1] > om[0] and sb[1] <= sb[0]))
     g = _get(d, "in_domain", "online_meta - ttt_meta")
     _goal_row(rows, "in_domain Δτ(online_meta − ttt_meta) ≥ −0.05", fmt_difference(g), None if g is None else g["mean"] >= -0.05)
+    share = _get(s, "drafter_shifted", "online_meta", "online_share_of_wall_time")
+    _goal_row(rows, "online updates ≤ 15 % of decoding time (drafter_shifted, online_meta)",
+              "—" if share is None else f"{100 * share:.0f} %", None if share is None else share <= 0.15)
     return ["| goal | measured | |", "|---|---|---|", *rows, ""]
 
 
-def online_section(rep: dict) -> list[str]:
+def online_section(rep: dict, title: str) -> list[str]:
     m, o, mo = rep["meta"], rep["meta"].get("online", {}), rep["meta"].get("meta_online") or {}
     trained = (f"chunks of {mo['chunk']} tokens, up to {mo['max_chunks']} per task" if mo.get("chunk")
                else "not trained for online updates")
-    lines = [f"**Online TTT while decoding** (`make online`): {m.get('drafter_kind')} drafter, "
+    detached = "; the context before that window read from the decoding cache as constants" \
+        if o.get("detach_context") else ""
+    lines = [f"**{title}**: {m.get('drafter_kind')} drafter, "
              f"prompts of {m.get('prompt_len')} tokens, {m.get('max_new_tokens')} new tokens, greedy; prefill TTT "
              f"{m.get('ttt_steps')} steps, then an update every {o.get('every')} verification steps "
-             f"({o.get('steps')} step, {o.get('num_anchors')} blocks from the last {o.get('window')} committed tokens); "
-             f"the meta init was meta-trained for online updates: {trained}.", "",
+             f"({o.get('steps')} step, {o.get('num_anchors')} blocks from the last {o.get('window')} committed tokens"
+             f"{detached}); the meta init was meta-trained for online updates: {trained}.", "",
              "Goals (online-TTT issue):", ""]
     lines += online_goals(rep)
     lines += ["Δτ per prompt, mean [95 % paired-bootstrap CI]; **bold**: excludes 0.", ""]
@@ -256,7 +261,10 @@ def section(root: Path) -> str:
         parts += guided_section(guided)
     online = _load(world / "online.json")
     if online:
-        parts += online_section(online)
+        parts += online_section(online, "Online TTT while decoding (`make online`)")
+    cheap = _load(world / "online_cheap.json")
+    if cheap:
+        parts += online_section(cheap, "The same at a cheaper update schedule (`make online-cheap`)")
     parts.append(END)
     return "\n".join(parts)
 
@@ -268,6 +276,7 @@ SOURCES = {
     "checkpoints/tiny/sweep/sweep.json": ("sweep.json", ("meta", "rows")),
     "checkpoints/tiny/guided/report.json": ("guided.json", ("meta", "summary")),
     "checkpoints/tiny_online/eval/report.json": ("online.json", ("meta", "differences", "summary")),
+    "checkpoints/tiny_online/eval_cheap/report.json": ("online_cheap.json", ("meta", "differences", "summary")),
 }
 
 

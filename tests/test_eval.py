@@ -242,16 +242,21 @@ def test_the_online_goals_are_read_from_the_report_and_can_fail(monkeypatch):
                     "online": {"every": 4, "steps": 1, "num_anchors": 16, "window": 64},
                     "meta_online": {"chunk": 8, "max_chunks": 4}},
            "summary": {"drafter_shifted": {"static": {"tau": 2.0, "tau_by_position": buckets(2.0, 1.9)},
-                                           "online_meta": {"tau": 3.0, "tau_by_position": buckets(2.5, 3.4)}},
+                                           "online_meta": {"tau": 3.0, "tau_by_position": buckets(2.5, 3.4),
+                                                           "online_share_of_wall_time": 0.12}},
                        "in_domain": {"static": {"tau": 3.0}, "online_meta": {"tau": 3.0}}},
            "differences": {"drafter_shifted": {"online_meta - ttt_meta": diff(0.6, 0.2),
                                                "online_meta - online_zero": diff(0.3, -0.1)},
                            "in_domain": {"online_meta - ttt_meta": diff(-0.02, -0.1)}}}
     met = [line.rsplit("|", 2)[1].strip() for line in world.online_goals(rep)[2:-1]]
-    assert met == ["met", "met", "not met", "met", "met"]
+    assert met == ["met", "met", "not met", "met", "met", "met"]
     rep["summary"]["drafter_shifted"]["static"]["tau_by_position"] = buckets(2.0, 2.2)  # static rises too
     rep["summary"]["drafter_shifted"]["online_meta"]["tau"] = 2.5  # × 1.25
+    rep["summary"]["drafter_shifted"]["online_meta"]["online_share_of_wall_time"] = 0.3
     met = [line.rsplit("|", 2)[1].strip() for line in world.online_goals(rep)[2:-1]]
-    assert met == ["not met", "met", "not met", "not met", "met"]
-    text = "\n".join(world.online_section(rep))
+    assert met == ["not met", "met", "not met", "not met", "met", "not met"]
+    text = "\n".join(world.online_section(rep, "Online"))
     assert "chunks of 8 tokens, up to 4 per task" in text and "| online_meta | 2.50 | 3.40 |" in text
+    assert text.startswith("**Online**") and "decoding cache" not in text
+    rep["meta"]["online"]["detach_context"] = True
+    assert "read from the decoding cache as constants" in "\n".join(world.online_section(rep, "Online"))
