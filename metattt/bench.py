@@ -163,13 +163,17 @@ def _step_fns(target, model, batch: dict, context_len: int, inner_steps: int, an
         opt.step()
 
     def meta_step(algorithm: str, batched: bool = True) -> Callable[[], None]:
+        checkpoint = algorithm.endswith("_checkpointed")  # inner steps recomputed in the outer backward
+        algorithm = algorithm.removesuffix("_checkpointed")
+
         def run() -> None:
             feats = target(batch["input_ids"], return_logits=False).features
             tasks = [Task(batch["input_ids"][i : i + 1], feats[i : i + 1], batch["loss_mask"][i : i + 1], context_len)
                      for i in range(batch["input_ids"].shape[0])]
             res = meta_batch(model, phi, tasks, algorithm=algorithm, steps=inner_steps, lr=1e-3, clip=1.0,
                              inner_anchors=anchors, outer_anchors=anchors, objective=obj, gamma=gamma,
-                             generator=torch.Generator().manual_seed(0), batched=batched, score_before=False)
+                             generator=torch.Generator().manual_seed(0), batched=batched, score_before=False,
+                             checkpoint=checkpoint)
             opt.zero_grad()
             res.loss.backward()
             opt.step()
@@ -758,10 +762,20 @@ def _machine(device: torch.device, preset: str) -> dict:
     return {"device": name, "torch": torch.__version__, "preset": preset}
 
 
-def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bool = True) -> dict:
+#: The sections of a quick / full run, in the order they run (`bench.sections` picks some).
+SECTIONS = ("meta_step", "task_batching", "ttt_prefill", "draft_cost", "batched", "online", "scaling", "tau")
+
+
+def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bool = True,
+        sections: list[str] | None = None) -> dict:
+    """Every section (or those `sections` names, merged into the results already at `out`, each
+    section's contenders still timed side by side in this run), written to `out` and printed."""
     device = torch.device("cuda" if full and torch.cuda.is_available() else "cpu")
     if full and device.type != "cuda":
         raise RuntimeError("bench.full is the GPU preset and needs CUDA; run without it on CPU")
+    unknown = sorted(set(sections or ()) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"bench.sections: unknown {unknown}; choose from {list(SECTIONS)}")
     if full:
         tcfg, layers, S, dtype = QWEN3_4B, 5, 16, torch.bfloat16
         B, T, ctx, anchors, lengths, reps = 1, 2048, 1024, 256, [256, 1024, 4096], 5
@@ -779,50 +793,58 @@ def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bo
     target, model = build_models(tcfg, layers, S, dtype, device)
     batch = _batch(tcfg["vocab_size"], B, T, device)
     k = r.meta.ttt.steps
-    results: dict = {
+    results: dict = {}
+    if sections and out.is_file():
+        results = json.loads(out.read_text())
+    results.update({
         "machine": _machine(device, "full" if full else "quick"),
         "setup": {"target": {k2: tcfg[k2] for k2 in ("hidden_size", "num_hidden_layers", "vocab_size")},
                   "drafter_layers": layers, "block_size": S, "dtype": str(dtype), "batch": B, "seq_len": T,
                   "context_len": ctx, "inner_steps": k, "anchors": anchors},
-    }
-    log.info("bench: meta-step costs")
-    results["meta_step"] = step_costs(target, model, batch, ctx, k, anchors, ("maml", "fomaml", "reptile"), reps,
-                                      kl_weight=0.5)
-    log.info("bench: meta steps with tasks batched and one by one")
-    results["task_batching"] = task_batching_costs(target, model, min(T, 512), min(ctx, 256), k, anchors, (1, 4, 16),
-                                                   reps=reps)
-    log.info("bench: TTT vs prefill")
-    lengths = [n for n in lengths if n <= tcfg["max_position_embeddings"]]
-    results["ttt_prefill"] = ttt_prefill_costs(target, model, lengths, 5, anchors, reps)
-    log.info("bench: drafting cost per block, both drafter kinds")
-    results["draft_cost"] = draft_costs(target, layers, S, ctx, reps=max(5, reps * 3))
-    log.info("bench: batched decoding and batched TTT")
+    })
     ttt = TTTConfig(steps=r.meta.ttt.steps, lr=r.meta.ttt.lr, clip=r.meta.ttt.clip, num_anchors=r.meta.ttt.num_anchors)
-    # the tiny recipe's widths even in the full preset: batching pays where per-step overheads dominate
-    results["batched"] = batched_costs(tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers,
-                                       r.drafter.block_size, torch.float32, device, ttt, reps=reps)
-    log.info("bench: online TTT: one update ÷ one verification forward, and amortized over decoding")
     online = r.eval.online
     everies = tuple(sorted({1, 4, 16} | ({online.every} if online.every else set())))  # and the recipe's own
-    # a context as at the end of an eval generation; the full preset at the lengths TTT ÷ prefill uses
-    context_lens = [1024, 4096] if full else [r.eval.prompt_len + r.eval.max_new_tokens]
-    results["online"] = {
-        "update": online_update_costs(target, model, ttt, online, context_lens, reps),
-        # decoding at the tiny recipe's widths even in the full preset, as `batched`: it needs a distilled drafter
-        "decoding": online_decoding_costs(tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers,
-                                          r.drafter.block_size, torch.float32, device, ttt, online, everies,
-                                          prompt_lens=(r.eval.prompt_len // 2, r.eval.prompt_len), reps=reps),
+    lengths = [n for n in lengths if n <= tcfg["max_position_embeddings"]]
+
+    def scaling() -> dict:
+        return {
+            "by_context": [{"context_len": c, **{a: v["step_ratio"] for a, v in step_costs(
+                target, model, batch, c, k, anchors, ("maml",), reps).items() if isinstance(v, dict)}} for c in ctxs],
+            "by_k": [{"k": kk, **{a: v["step_ratio"] for a, v in step_costs(
+                target, model, batch, ctx, kk, anchors, ("maml", "fomaml"), reps).items() if isinstance(v, dict)}}
+                for kk in ks],
+        }
+
+    runs: dict[str, tuple[str, Callable[[], dict | list]]] = {
+        "meta_step": ("meta-step costs", lambda: step_costs(target, model, batch, ctx, k, anchors,
+                                                            ("maml", "maml_checkpointed", "fomaml", "reptile"), reps,
+                                                            kl_weight=0.5)),
+        "task_batching": ("meta steps with tasks batched and one by one", lambda: task_batching_costs(
+            target, model, min(T, 512), min(ctx, 256), k, anchors, (1, 4, 16), reps=reps)),
+        "ttt_prefill": ("TTT vs prefill", lambda: ttt_prefill_costs(target, model, lengths, 5, anchors, reps)),
+        "draft_cost": ("drafting cost per block, both drafter kinds",
+                       lambda: draft_costs(target, layers, S, ctx, reps=max(5, reps * 3))),
+        # the tiny recipe's widths even in the full preset: batching pays where per-step overheads dominate
+        "batched": ("batched decoding and batched TTT", lambda: batched_costs(
+            tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers, r.drafter.block_size, torch.float32,
+            device, ttt, reps=reps)),
+        "online": ("online TTT: one update ÷ one verification forward, and amortized over decoding", lambda: {
+            # a context as at the end of an eval generation; the full preset at the lengths TTT ÷ prefill uses
+            "update": online_update_costs(target, model, ttt, online,
+                                          [1024, 4096] if full else [r.eval.prompt_len + r.eval.max_new_tokens], reps),
+            # decoding at the tiny recipe's widths even in the full preset, as `batched`: it needs a distilled drafter
+            "decoding": online_decoding_costs(tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers,
+                                              r.drafter.block_size, torch.float32, device, ttt, online, everies,
+                                              prompt_lens=(r.eval.prompt_len // 2, r.eval.prompt_len), reps=reps)}),
+        "scaling": ("scaling", scaling),
     }
-    log.info("bench: scaling")
-    results["scaling"] = {
-        "by_context": [{"context_len": c, **{a: v["step_ratio"] for a, v in step_costs(
-            target, model, batch, c, k, anchors, ("maml",), reps).items() if isinstance(v, dict)}} for c in ctxs],
-        "by_k": [{"k": kk, **{a: v["step_ratio"] for a, v in step_costs(
-            target, model, batch, ctx, kk, anchors, ("maml", "fomaml"), reps).items() if isinstance(v, dict)}}
-            for kk in ks],
-    }
-    del target, model
-    if not skip_tau and not full:
+    for name, (what, fn) in runs.items():
+        if not sections or name in sections:
+            log.info("bench: %s", what)
+            results[name] = fn()
+    target = model = None  # freed before the eval stage loads its own models
+    if not skip_tau and not full and (not sections or "tau" in sections):
         log.info("bench: τ on the recipe (eval stage)")
         results["tau"] = tau_section(r, reuse=reuse_eval)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -835,9 +857,11 @@ def format_tables(res: dict) -> str:
     lines = [f"Machine: {res['machine']['device']}, torch {res['machine']['torch']}, preset {res['machine']['preset']}",
              f"Setup: {json.dumps(res['setup'])}", "",
              "| meta step (k inner steps) | step time ÷ distill step | peak memory ÷ distill step |", "|---|---|---|"]
-    for algo in ("maml", "fomaml", "reptile"):
-        v = res["meta_step"][algo]
-        lines.append(f"| {algo} | {fmt(v['step_ratio'])} | {fmt(v['mem_ratio'])} |")
+    for algo in ("maml", "maml_checkpointed", "fomaml", "reptile"):
+        v = res["meta_step"].get(algo)
+        if v:
+            name = "maml, inner steps checkpointed" if algo == "maml_checkpointed" else algo
+            lines.append(f"| {name} | {fmt(v['step_ratio'])} | {fmt(v['mem_ratio'])} |")
     if "distill_kl" in res["meta_step"]:
         v = res["meta_step"]["distill_kl"]
         lines.append(f"| distill step with KL to the target (w = 0.5), for scale | {fmt(v['step_ratio'])} | "
@@ -898,7 +922,7 @@ def bench(r: Recipe) -> dict | None:
                        [16, 64])
         return None
     out = Path(cfg.out) if cfg.out else Path("bench/results_gpu.json" if cfg.full else "bench/results.json")
-    return run(r, cfg.full, out, cfg.skip_tau, reuse_eval=not cfg.fresh_eval)
+    return run(r, cfg.full, out, cfg.skip_tau, reuse_eval=not cfg.fresh_eval, sections=cfg.sections)
 
 
 if __name__ == "__main__":  # `python -m metattt.bench [--full] ...` is `python -m metattt bench --bench.full=true ...`

@@ -942,6 +942,10 @@ class BenchConfig:
     batched: bool = False
     """Only batched decoding (tokens/s at batch 1..16: target-only, static, ttt_meta) and batched TTT ÷ one TTT
     per request, at the tiny recipe's widths (GPU if any, else CPU)."""
+    sections: list[str] | None = None
+    """Only these sections of the run (metattt.bench.SECTIONS: meta_step, task_batching, ttt_prefill,
+    draft_cost, batched, online, scaling, tau), merged into the results already in the output file;
+    None: all of them."""
     out: str | None = None
     """Results JSON; None: bench/results.json (bench/results_gpu.json with full)."""
 

@@ -25,11 +25,13 @@ def test_step_costs_measure_every_algorithm_and_second_order_keeps_more_memory()
     ids = torch.randint(2, 96, (2, 48), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
     res = step_costs(target, model, batch, context_len=24, inner_steps=2, anchors=8,
-                     algorithms=("maml", "fomaml", "reptile"), reps=1, kl_weight=0.5)
-    for algo in ("maml", "fomaml", "reptile", "distill_kl"):
+                     algorithms=("maml", "maml_checkpointed", "fomaml", "reptile"), reps=1, kl_weight=0.5)
+    for algo in ("maml", "maml_checkpointed", "fomaml", "reptile", "distill_kl"):
         assert res[algo]["step_ratio"] > 0 and res[algo]["mem_ratio"] > 0
-    # second order keeps every inner step's graph alive for the outer backward
+    # second order keeps every inner step's graph alive for the outer backward; checkpointed, it
+    # recomputes them there instead
     assert res["maml"]["mem_ratio"] > res["fomaml"]["mem_ratio"]
+    assert res["maml_checkpointed"]["mem_ratio"] < res["maml"]["mem_ratio"]
 
 
 def test_ttt_prefill_rows_and_tables(tmp_path):
@@ -167,3 +169,19 @@ def test_online_costs_time_updates_and_decoding_side_by_side_and_format_their_ra
            "meta_step": {a: {"step_ratio": 2.0, "mem_ratio": 3.0} for a in ("maml", "fomaml", "reptile")},
            "ttt_prefill": [], "scaling": {"by_context": [], "by_k": []}, "online": {"update": rows, "decoding": dec}}
     assert text in format_tables(res)
+
+
+def test_a_run_of_some_sections_keeps_the_others_in_the_results_file(tmp_path, monkeypatch):
+    from metattt import bench
+    from metattt.cli import parse_recipe
+
+    _, r = parse_recipe(["bench", "--config", "recipes/tiny.yaml"])
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"online": {"kept": True}, "draft_cost": {"stale": True}}))
+    monkeypatch.setattr(bench, "format_tables", lambda res: "")  # the other sections are stand-ins
+    res = bench.run(r, full=False, out=out, skip_tau=True, sections=["draft_cost"])
+    saved = json.loads(out.read_text())
+    assert saved == res and saved["online"] == {"kept": True}
+    assert saved["draft_cost"]["block"] > 0 and "stale" not in saved["draft_cost"] and "meta_step" not in saved
+    with pytest.raises(ValueError, match="bench.sections: unknown"):
+        bench.run(r, full=False, out=out, skip_tau=True, sections=["draft"])
