@@ -803,7 +803,7 @@ def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bo
                   "context_len": ctx, "inner_steps": k, "anchors": anchors},
     })
     ttt = TTTConfig(steps=r.meta.ttt.steps, lr=r.meta.ttt.lr, clip=r.meta.ttt.clip, num_anchors=r.meta.ttt.num_anchors)
-    online = r.eval.online
+    online = r.eval.online.resolved(ttt.online)  # what OnlineTTT runs: the setup records it
     everies = tuple(sorted({1, 4, 16} | ({online.every} if online.every else set())))  # and the recipe's own
     lengths = [n for n in lengths if n <= tcfg["max_position_embeddings"]]
 
