@@ -4,6 +4,7 @@ decodes alone, greedy and sampled, with per-row LoRA, prefill TTT and online upd
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -201,17 +202,20 @@ def test_batched_ttt_reads_a_null_gamma_by_block_size(target, lora_model):
 ONLINE = OnlineConfig(every=2, steps=1, window=24, num_anchors=6, prompt_anchors=2, lr=0.5)
 
 
-def test_online_updates_per_row_equal_each_request_alone(target, lora_model):
+@pytest.mark.parametrize("detach_context", [False, True])
+def test_online_updates_per_row_equal_each_request_alone(target, lora_model, detach_context):
+    """With detach_context, each row's update reads its own slots of the batch's context cache."""
     model = lora_model
+    cfg = replace(ONLINE, detach_context=detach_context)
     init = _random_adapter(model, seed=9)
     prompts, limits, eos = _cases(target, n=8, seed=4)
     alone, updates = [], 0
     for i, (p, n) in enumerate(zip(prompts, limits)):
         set_lora(model, init)
-        online = OnlineTTT(model, init, TTTConfig(), ONLINE, p.numel(), seed=i)
+        online = OnlineTTT(model, init, TTTConfig(), cfg, p.numel(), seed=i)
         alone.append(speculative_generate(target, model, p, n, eos, online=online))
         updates += online.updates
-    updaters = [OnlineTTT(model, None, TTTConfig(), ONLINE, p.numel(), seed=i) for i, p in enumerate(prompts)]
+    updaters = [OnlineTTT(model, None, TTTConfig(), cfg, p.numel(), seed=i) for i, p in enumerate(prompts)]
     rows = speculative_generate_batch(target, model, prompts, limits, eos, lora=stack_lora([init] * len(prompts)),
                                       online=updaters)
     assert updates > 5 and sum(o.updates for o in updaters) == updates

@@ -593,11 +593,14 @@ def speculative_generate_batch(
                     t4 = clock()
                     ids = torch.cat([prompts[r], prompts[r].new_tensor(tokens[r])])[None]  # (1, P + n)
                     feats = batch.feats[i][batch.valid[i]][None]  # (1, P + n - 1, n·H), in position order
-                    slots = batch.valid[i]  # the row's committed positions, in order, as `feats`
-                    cache = ContextCache(kv=[(k[i:i + 1][:, :, slots], v[i:i + 1][:, :, slots]) for k, v in batch.ctx.kv],
-                                         length=feats.shape[1])
+                    step = len(accepted[r]) - 1
+                    cache = None
+                    if online[r].due(step):  # the row's committed positions, in order, as `feats`
+                        slots = batch.valid[i]
+                        cache = ContextCache(kv=[(k[i:i + 1][:, :, slots], v[i:i + 1][:, :, slots])
+                                                 for k, v in batch.ctx.kv], length=feats.shape[1])
                     with torch.enable_grad():
-                        rebuild = online[r](len(accepted[r]) - 1, ids, feats, cache)
+                        rebuild = online[r](step, ids, feats, cache)
                     if online[r].params is not seen[r]:  # an update: the row drafts with its new weights
                         seen[r] = online[r].params
                         batch.drafter.set_row(i, online[r].params)

@@ -70,6 +70,10 @@ class OnlineTTT:
         self.changes_context = bool(lora_on & set(kind_of(model).context_modules))
         self.losses: list[float] = []
 
+    def due(self, step: int) -> bool:
+        """Whether the call after verification step `step` updates (every `every` steps)."""
+        return self.cfg.every > 0 and (step + 1) % self.cfg.every == 0
+
     def constant_context(self, cache: ContextCache | None, length: int) -> ContextCache | None:
         """The slots of the decoding cache (`length` committed positions) an update reads as they
         are: all of them where LoRA does not reach the context K/V (they are what the update would
@@ -87,7 +91,7 @@ class OnlineTTT:
         the drafter's context cache of those L-1 positions (None: every update recomputes the
         context K/V from `features`). Returns True when the drafter's context cache must be
         rebuilt (an update changed its K/V)."""
-        if self.cfg.every <= 0 or (step + 1) % self.cfg.every:
+        if not self.due(step):
             return False
         t0 = time.perf_counter()
         if self.params is None:
