@@ -28,10 +28,13 @@ timing does not depend on the weights; τ uses the trained tiny target, drafter 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import json
 import logging
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -108,7 +111,29 @@ class _SavedBytes:
             yield
 
 
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def _resident_peak(fn: Callable[[], None]) -> int | None:
+    """Bytes the process's resident set grows by at its peak while `fn` runs (Linux: the
+    high-water mark reset through /proc/self/clear_refs, freed heap handed back to the system
+    first so that `fn` cannot hide in it); None where that is not available."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        gc.collect()
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base = _proc_status_kib("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return max(0, _proc_status_kib("VmHWM") - base) * 1024
+
+
 def _peak(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak memory of `fn`: CUDA's allocator peak; on the CPU the resident-set growth at its peak
+    (`_resident_peak`), or, where that cannot be read, the bytes autograd saves for the backward."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -116,6 +141,9 @@ def _peak(fn: Callable[[], None], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    resident = _resident_peak(fn)
+    if resident is not None:
+        return resident
     saved = _SavedBytes()
     with saved():
         fn()
