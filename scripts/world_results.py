@@ -196,6 +196,38 @@ def online_section(rep: dict, title: str) -> list[str]:
     return lines
 
 
+#: The online evals at several update schedules: copy in bench/world/ -> how it was run.
+ONLINE_RUNS = {
+    "online.json": "`make online`",
+    "online_every16.json": "`make online-cheap ONLINE_CHEAP=\"--eval.online.every=16 "
+                           "--eval.output_dir=checkpoints/tiny_online/eval_every16\"`",
+    "online_cheap.json": "`make online-cheap`",
+}
+
+
+def schedules_section(reports: dict[str, dict]) -> list[str]:
+    """One row per online eval (`ONLINE_RUNS`): its update schedule against what online_meta reached
+    on drafter_shifted and what the updates cost there."""
+    lines = ["**Online update schedules** (drafter_shifted, online_meta; one eval of the split each, its paired CI):", "",
+             "| run | update every | context before the window | τ | × static | Δτ vs ttt_meta | "
+             "updates' share of decoding time | tokens/s (static's) |", "|---|---|---|---|---|---|---|---|"]
+    for name, how in ONLINE_RUNS.items():
+        rep = reports.get(name)
+        if rep is None:
+            continue
+        o = rep["meta"].get("online", {})
+        on = _get(rep, "summary", "drafter_shifted", "online_meta") or {}
+        st = _get(rep, "summary", "drafter_shifted", "static") or {}
+        ratio = on["tau"] / st["tau"] if on.get("tau") and st.get("tau") else None
+        share = on.get("online_share_of_wall_time")
+        lines.append(f"| {how} | {o.get('every')} | {'detached' if o.get('detach_context') else 'differentiated'} | "
+                     f"{fmt(on.get('tau'))} | {fmt(ratio)} | "
+                     f"{fmt_difference(_get(rep, 'differences', 'drafter_shifted', 'online_meta - ttt_meta'))} | "
+                     f"{'—' if share is None else f'{100 * share:.0f} %'} | "
+                     f"{fmt(on.get('tokens_per_s'), '.0f')} ({fmt(st.get('tokens_per_s'), '.0f')}) |")
+    return lines + [""]
+
+
 def sweep_section(rep: dict) -> list[str]:
     m = rep["meta"]
     lines = [f"**TTT sweep** (`make sweep`: {m['prompts_per_split']} prompts per split of {m['prompt_len']} tokens, "
@@ -265,6 +297,9 @@ def section(root: Path) -> str:
     cheap = _load(world / "online_cheap.json")
     if cheap:
         parts += online_section(cheap, "The same at a cheaper update schedule (`make online-cheap`)")
+    runs = {name: rep for name in ONLINE_RUNS if (rep := _load(world / name))}
+    if len(runs) > 1:
+        parts += schedules_section(runs)
     parts.append(END)
     return "\n".join(parts)
 
@@ -277,6 +312,7 @@ SOURCES = {
     "checkpoints/tiny/guided/report.json": ("guided.json", ("meta", "summary")),
     "checkpoints/tiny_online/eval/report.json": ("online.json", ("meta", "differences", "summary")),
     "checkpoints/tiny_online/eval_cheap/report.json": ("online_cheap.json", ("meta", "differences", "summary")),
+    "checkpoints/tiny_online/eval_every16/report.json": ("online_every16.json", ("meta", "differences", "summary")),
 }
 
 

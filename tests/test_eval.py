@@ -260,3 +260,21 @@ def test_the_online_goals_are_read_from_the_report_and_can_fail(monkeypatch):
     assert text.startswith("**Online**") and "decoding cache" not in text
     rep["meta"]["online"]["detach_context"] = True
     assert "read from the decoding cache as constants" in "\n".join(world.online_section(rep, "Online"))
+
+
+def test_the_schedules_table_has_a_row_per_online_eval(monkeypatch):
+    world = _world_results(monkeypatch)
+
+    def rep(every, detach, tau, share):
+        return {"meta": {"online": {"every": every, "detach_context": detach}},
+                "summary": {"drafter_shifted": {"static": {"tau": 1.2, "tokens_per_s": 100.0},
+                                                "online_meta": {"tau": tau, "tokens_per_s": 90.0,
+                                                                "online_share_of_wall_time": share}}},
+                "differences": {"drafter_shifted": {"online_meta - ttt_meta": {"mean": 0.5, "ci_low": 0.2, "significant": True,
+                                                                               "ci_high": 0.8, "n": 4}}}}
+
+    lines = world.schedules_section({"online.json": rep(4, False, 1.8, 0.4), "online_cheap.json": rep(16, True, 1.5, 0.1)})
+    rows = [line for line in lines if line.startswith("| `make")]
+    assert len(rows) == 2  # online_every16.json is missing: no row
+    assert rows[0].startswith("| `make online` | 4 | differentiated | 1.80 | 1.50 | **+0.50 [+0.20, +0.80]** | 40 % | 90 (100) |")
+    assert "| 16 | detached | 1.50 | 1.25 |" in rows[1] and "| 10 % |" in rows[1]
