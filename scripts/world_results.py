@@ -208,7 +208,8 @@ ONLINE_RUNS = {
 def schedules_section(reports: dict[str, dict]) -> list[str]:
     """One row per online eval (`ONLINE_RUNS`): its update schedule against what online_meta reached
     on drafter_shifted and what the updates cost there."""
-    lines = ["**Online update schedules** (drafter_shifted, online_meta; one eval of the split each, its paired CI):", "",
+    lines = ["**Online update schedules** (drafter_shifted, online_meta; one eval of the split each, its paired CI; "
+             "tokens/s compare within a row only, the runs shared the cores with different other work):", "",
              "| run | update every | context before the window | τ | × static | Δτ vs ttt_meta | "
              "updates' share of decoding time | tokens/s (static's) |", "|---|---|---|---|---|---|---|---|"]
     for name, how in ONLINE_RUNS.items():
