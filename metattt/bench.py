@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -115,12 +116,17 @@ def _proc_status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")
+
+
 def _resident_peak(fn: Callable[[], None]) -> int | None:
     """Bytes the process's resident set grows by at its peak while `fn` runs (Linux: the
     high-water mark reset through /proc/self/clear_refs, freed heap handed back to the system
     first so that `fn` cannot hide in it); None where that is not available."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _libc()
         gc.collect()
         libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -809,11 +815,7 @@ def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bo
         B, T, ctx, anchors, lengths, reps = 1, 2048, 1024, 256, [256, 1024, 4096], 5
         ks, ctxs = [1, 2, 4], [512, 1024, 1536]
     else:
-        t = r.tiny_target
-        tcfg = dict(model_type="qwen3", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                    intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                    num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
-                    max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=True)
+        tcfg = _tiny_widths(r)
         layers, S, dtype = r.drafter.num_hidden_layers, r.drafter.block_size, torch.float32
         B, T, ctx, anchors, lengths, reps = 2, 256, 128, r.meta.ttt.num_anchors, [256, 1024], 3
         ks, ctxs = [1, 2, 4], [64, 128, 192]
@@ -855,14 +857,14 @@ def run(r: Recipe, full: bool, out: Path, skip_tau: bool = False, reuse_eval: bo
                        lambda: draft_costs(target, layers, S, ctx, reps=max(5, reps * 3))),
         # the tiny recipe's widths even in the full preset: batching pays where per-step overheads dominate
         "batched": ("batched decoding and batched TTT", lambda: batched_costs(
-            tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers, r.drafter.block_size, torch.float32,
+            _tiny_widths(r), r.drafter.num_hidden_layers, r.drafter.block_size, torch.float32,
             device, ttt, reps=reps)),
         "online": ("online TTT: one update ÷ one verification forward, and amortized over decoding", lambda: {
             # a context as at the end of an eval generation; the full preset at the lengths TTT ÷ prefill uses
             "update": online_update_costs(target, model, ttt, online,
                                           [1024, 4096] if full else [r.eval.prompt_len + r.eval.max_new_tokens], reps),
             # decoding at the tiny recipe's widths even in the full preset, as `batched`: it needs a distilled drafter
-            "decoding": online_decoding_costs(tcfg if not full else _tiny_widths(r), r.drafter.num_hidden_layers,
+            "decoding": online_decoding_costs(_tiny_widths(r), r.drafter.num_hidden_layers,
                                               r.drafter.block_size, torch.float32, device, ttt, online, everies,
                                               prompt_lens=(r.eval.prompt_len // 2, r.eval.prompt_len), reps=reps)}),
         "scaling": ("scaling", scaling),
